@@ -1,0 +1,199 @@
+"""The result backend interface: what every result store implements.
+
+A backend stores one *meta* per task (Celery's layout, ../shared/spec/celery-wire.md
+§6.1: ``status``, ``result``, ``traceback``, ``children``, ``date_done``,
+``task_id`` and, with ``result_extended``, ``name``/``args``/``kwargs``/...),
+one meta per saved group, and atomic counters for chords.
+
+Backends import ``taskframe.protocol`` (pure data: states, meta, exception
+encoding) and their client libraries, never the app or the worker: the app builds
+a backend from a URL and a ``BackendOptions``.
+
+Methods:
+
+* ``store_result``: write a task's state and result; never overwrite a stored
+  SUCCESS. Exceptions are encoded as Celery does (``exc_type``/``exc_message``/
+  ``exc_module``).
+* ``get_task_meta``: the stored meta, still encoded (``PENDING`` when unknown).
+* ``wait_for``: block until the task is ready (pushed where the store can push,
+  polling with backoff where it cannot).
+* ``forget``: delete a task's meta.
+* ``save_group`` / ``restore_group`` / ``delete_group``: group results.
+* ``incr``: an atomic counter, for chords.
+* ``cleanup``: delete metas older than ``expires``.
+"""
+
+from __future__ import annotations
+
+import abc
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+from taskframe.protocol import states
+from taskframe.protocol.results import ResultContext, ResultMeta
+
+__all__ = ["Backend", "BackendOptions"]
+
+
+@dataclass
+class BackendOptions:
+    """Settings a backend needs, copied out of the app's configuration.
+
+    Attributes:
+        serializer: ``result_serializer`` (``"json"`` by default).
+        accept: ``result_accept_content`` (content type names or MIME types).
+        expires: ``result_expires`` in seconds; ``None`` keeps results forever.
+        extended: ``result_extended``: also store name, args, kwargs, worker, ...
+        table_names: ``database_table_names`` (``{"task": ..., "group": ...}``).
+        engine_options: ``database_engine_options`` passed to ``create_engine``.
+        create_tables_at_setup: ``database_create_tables_at_setup``.
+        short_lived_sessions: ``database_short_lived_sessions``.
+        transport_options: ``result_backend_transport_options``.
+    """
+
+    serializer: str = "json"
+    accept: tuple[str, ...] = ("json",)
+    expires: float | None = 86400.0
+    extended: bool = False
+    table_names: Mapping[str, str] = field(default_factory=dict)
+    engine_options: Mapping[str, Any] = field(default_factory=dict)
+    create_tables_at_setup: bool = True
+    short_lived_sessions: bool = False
+    transport_options: Mapping[str, Any] = field(default_factory=dict)
+
+
+class Backend(abc.ABC):
+    """One result store. Safe to share between threads of one process.
+
+    Class attributes:
+        schemes: URL schemes this backend serves.
+        supports_push: ``wait_for`` is woken by the store, not by polling.
+    """
+
+    schemes: ClassVar[tuple[str, ...]] = ()
+    supports_push: ClassVar[bool] = False
+
+    def __init__(self, url: str, options: BackendOptions | None = None) -> None:
+        self.url = url
+        self.options = options or BackendOptions()
+
+    # -- task results -----------------------------------------------------------------
+
+    @abc.abstractmethod
+    def store_result(
+        self,
+        task_id: str,
+        result: Any,
+        state: str,
+        *,
+        traceback: str | None = None,
+        context: ResultContext | None = None,
+    ) -> ResultMeta:
+        """Store ``state`` and ``result`` for ``task_id`` and return the meta written.
+
+        ``result`` is the return value, or the exception for FAILURE/RETRY/REVOKED
+        (encoded here). A stored SUCCESS is never overwritten: the stored meta is
+        returned instead.
+        """
+
+    @abc.abstractmethod
+    def get_task_meta(self, task_id: str) -> ResultMeta:
+        """The stored meta of ``task_id``, or a PENDING meta when none is stored."""
+
+    def wait_for(
+        self, task_id: str, timeout: float | None = None, interval: float = 0.5
+    ) -> ResultMeta:
+        """Block until ``task_id`` is ready; return its meta.
+
+        The default polls ``get_task_meta`` with backoff from 5 ms up to
+        ``interval``; push-capable backends override it.
+
+        Raises:
+            taskframe.errors.TimeoutError: not ready within ``timeout``.
+        """
+        from taskframe.errors import TimeoutError as ResultTimeout
+
+        deadline = None if timeout is None else time.monotonic() + timeout
+        sleep = 0.005
+        while True:
+            meta = self.get_task_meta(task_id)
+            if meta["status"] in states.READY_STATES:
+                return meta
+            if deadline is not None:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise ResultTimeout(f"task {task_id} not ready after {timeout} s")
+                sleep = min(sleep, remaining)
+            time.sleep(sleep)
+            sleep = min(sleep * 2, interval)
+
+    @abc.abstractmethod
+    def forget(self, task_id: str) -> None:
+        """Delete the stored meta of ``task_id`` (no error when there is none)."""
+
+    # -- convenience writers ----------------------------------------------------------
+
+    def mark_as_started(self, task_id: str, *, context: ResultContext | None = None,
+                        meta: Mapping[str, Any] | None = None) -> ResultMeta:
+        """Store STARTED with ``meta`` (``{"pid": ..., "hostname": ...}``) as result."""
+        return self.store_result(task_id, dict(meta or {}), states.STARTED, context=context)
+
+    def mark_as_done(self, task_id: str, result: Any, *,
+                     context: ResultContext | None = None) -> ResultMeta:
+        """Store SUCCESS with the task's return value."""
+        return self.store_result(task_id, result, states.SUCCESS, context=context)
+
+    def mark_as_failure(self, task_id: str, exc: BaseException, *, traceback: str | None = None,
+                        context: ResultContext | None = None) -> ResultMeta:
+        """Store FAILURE with the exception."""
+        return self.store_result(task_id, exc, states.FAILURE, traceback=traceback,
+                                 context=context)
+
+    def mark_as_retry(self, task_id: str, exc: BaseException, *, traceback: str | None = None,
+                      context: ResultContext | None = None) -> ResultMeta:
+        """Store RETRY with the exception that caused the retry."""
+        return self.store_result(task_id, exc, states.RETRY, traceback=traceback,
+                                 context=context)
+
+    def mark_as_revoked(self, task_id: str, reason: str = "revoked", *,
+                        context: ResultContext | None = None) -> ResultMeta:
+        """Store REVOKED with ``TaskRevokedError(reason)``, unless the task is already ready."""
+        from taskframe.errors import TaskRevokedError
+
+        current = self.get_task_meta(task_id)
+        if current["status"] in states.READY_STATES:
+            return current
+        return self.store_result(task_id, TaskRevokedError(reason), states.REVOKED,
+                                 context=context)
+
+    # -- groups and counters ----------------------------------------------------------
+
+    @abc.abstractmethod
+    def save_group(self, group_id: str, result: Any) -> None:
+        """Store a group's result tuple (``[[gid, parent], [child tuples...]]``)."""
+
+    @abc.abstractmethod
+    def restore_group(self, group_id: str) -> Any | None:
+        """The stored group result tuple, or ``None``."""
+
+    @abc.abstractmethod
+    def delete_group(self, group_id: str) -> None:
+        """Delete a stored group (no error when there is none)."""
+
+    @abc.abstractmethod
+    def incr(self, key: str) -> int:
+        """Atomically add one to counter ``key`` (created at 0) and return the new value."""
+
+    # -- housekeeping -----------------------------------------------------------------
+
+    def cleanup(self) -> int:
+        """Delete metas older than ``options.expires``; return how many. Default: none."""
+        return 0
+
+    def close(self) -> None:  # noqa: B027 - optional hook, a no-op by default
+        """Release connections. Idempotent."""
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.url}>"

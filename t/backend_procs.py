@@ -1,0 +1,21 @@
+"""Code run in child processes by backend tests (spawned children import it by name)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from taskframe.backends import BackendOptions, create_backend
+
+
+def increment(url: str, table_names: dict[str, str], key: str, times: int) -> list[int]:
+    """Open a fresh backend and call ``incr(key)`` ``times`` times; return the values seen."""
+    backend = create_backend(url, BackendOptions(table_names=table_names))
+    try:
+        return [backend.incr(key) for _ in range(times)]
+    finally:
+        backend.close()
+
+
+def increment_star(args: tuple[Any, ...]) -> list[int]:
+    """``increment`` for ``Pool.map``."""
+    return increment(*args)

@@ -1,0 +1,52 @@
+"""Where the test servers are, and whether they answer.
+
+Each ``*_url()`` checks its server once per run (a TCP connect on loopback).
+Unreachable: the test is skipped with a loud reason, or fails when
+``TASKFRAME_REQUIRE_SERVICES=1`` (CI must not skip silently).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import socket
+
+import pytest
+
+REQUIRE_ENV = "TASKFRAME_REQUIRE_SERVICES"
+
+
+@functools.cache
+def _unreachable(host: str, port: int) -> str | None:
+    """Why ``host:port`` cannot be reached, or ``None`` when it can."""
+    try:
+        socket.create_connection((host, port), timeout=3).close()
+    except OSError as exc:
+        return f"{type(exc).__name__}: {exc}"
+    return None
+
+
+def require_service(name: str, host: str, port: int) -> None:
+    """Skip (or fail, with ``TASKFRAME_REQUIRE_SERVICES=1``) unless the server answers."""
+    why = _unreachable(host, port)
+    if why is None:
+        return
+    message = (
+        f"!!! {name} is NOT reachable at {host}:{port} ({why}); tests needing it "
+        f"are skipped. Start it, or set {REQUIRE_ENV}=1 to turn this into a failure."
+    )
+    if os.environ.get(REQUIRE_ENV) == "1":
+        pytest.fail(message, pytrace=False)
+    pytest.skip(message)
+
+
+def postgres_url() -> str:
+    """PostgreSQL on loopback (trust auth, user postgres, database ``test``)."""
+    require_service("PostgreSQL", "127.0.0.1", 5432)
+    return "postgresql://postgres@127.0.0.1:5432/test"
+
+
+def mysql_url() -> str:
+    """MariaDB on loopback (root, empty password, database ``test``)."""
+    require_service("MariaDB", "127.0.0.1", 3306)
+    return "mysql://root@127.0.0.1:3306/test"

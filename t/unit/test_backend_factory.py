@@ -1,0 +1,60 @@
+"""create_backend: choosing a backend by URL; the disabled backend's messages."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from taskframe.backends import BackendOptions, create_backend, scheme_of
+from taskframe.backends.database import DatabaseBackend
+from taskframe.backends.disabled import DisabledBackend
+from taskframe.backends.memory import MemoryBackend
+
+from taskframe.errors import BackendNotConfigured, ImproperlyConfigured
+from taskframe.protocol import states
+
+
+@pytest.mark.parametrize(
+    ("url", "scheme"),
+    [("db+postgresql://u@h/db", "db"), ("sqlite:///x", "sqlite"), ("memory://", "memory"),
+     ("disabled", "disabled"), ("REDIS://h", "redis")],
+)
+def test_scheme_of(url: str, scheme: str) -> None:
+    assert scheme_of(url) == scheme
+
+
+@pytest.mark.parametrize("url", [None, "", "disabled://", "disabled"])
+def test_no_url_means_disabled(url: str | None) -> None:
+    assert isinstance(create_backend(url, BackendOptions()), DisabledBackend)
+
+
+def test_known_schemes(tmp_path: Path) -> None:
+    assert isinstance(create_backend("memory://", BackendOptions()), MemoryBackend)
+    for url in (f"sqlite:///{tmp_path}/a.sqlite3", f"db+sqlite:///{tmp_path}/b.sqlite3"):
+        backend = create_backend(url, BackendOptions())
+        assert isinstance(backend, DatabaseBackend)
+        backend.close()
+
+
+def test_unknown_scheme_lists_the_known_ones() -> None:
+    with pytest.raises(ImproperlyConfigured, match=r"'nosuch'.*db://.*memory://"):
+        create_backend("nosuch://host", BackendOptions())
+
+
+def test_unknown_serializer_is_a_configuration_error(tmp_path: Path) -> None:
+    with pytest.raises(ImproperlyConfigured, match="result_serializer"):
+        create_backend(f"sqlite:///{tmp_path}/c.sqlite3", BackendOptions(serializer="nope"))
+
+
+def test_disabled_backend_drops_writes_and_refuses_reads() -> None:
+    backend = create_backend(None, BackendOptions())
+    meta = backend.store_result("t1", 42, states.SUCCESS)
+    assert meta["status"] == states.SUCCESS and meta["result"] == 42
+    assert backend.mark_as_revoked("t1")["status"] == states.REVOKED
+    backend.forget("t1")
+    backend.save_group("g", [["g", None], []])
+    backend.delete_group("g")
+    for read in (lambda: backend.get_task_meta("t1"), lambda: backend.wait_for("t1", 1),
+                 lambda: backend.restore_group("g"), lambda: backend.incr("k")):
+        with pytest.raises(BackendNotConfigured, match="result_backend"):
+            read()

@@ -1,0 +1,172 @@
+"""The worker loop end to end on the in-process memory broker and memory results."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from taskframe import Task, Taskframe
+from taskframe.errors import NotRegistered, TaskRevokedError
+from taskframe.protocol import states
+from taskframe.transport import Envelope
+from taskframe.worker.worker import Worker
+
+
+@pytest.fixture
+def app() -> Iterator[Taskframe]:
+    app = Taskframe("wm", broker=f"memory://{uuid.uuid4().hex}", backend="memory://",
+                    set_as_current=False)
+    yield app
+    app.close()
+
+
+def start_worker(app: Taskframe, **kwargs: Any) -> tuple[Worker, threading.Thread]:
+    worker = Worker(app, pool=kwargs.pop("pool", "threads"),
+                    concurrency=kwargs.pop("concurrency", 2),
+                    setup_logs=False, install_signal_handlers=False, **kwargs)
+    thread = threading.Thread(target=worker.start, daemon=True)
+    thread.start()
+    return worker, thread
+
+
+@pytest.fixture
+def run_worker(app: Taskframe) -> Iterator[Any]:
+    started: list[tuple[Worker, threading.Thread]] = []
+
+    def start(**kwargs: Any) -> Worker:
+        pair = start_worker(app, **kwargs)
+        started.append(pair)
+        return pair[0]
+
+    yield start
+    for worker, thread in started:
+        worker.stop()
+        thread.join(10)
+        assert not thread.is_alive(), "worker did not stop"
+
+
+@pytest.mark.parametrize("pool", ["solo", "threads"])
+def test_results_and_failures(app: Taskframe, run_worker: Any, pool: str) -> None:
+    @app.task
+    def add(x: int, y: int) -> int:
+        return x + y
+
+    @app.task
+    def div(x: int, y: int) -> float:
+        return x / y
+
+    run_worker(pool=pool)
+    results = [add.delay(i, i) for i in range(20)]
+    assert [r.get(timeout=10) for r in results] == [2 * i for i in range(20)]
+    failed = div.delay(1, 0)
+    with pytest.raises(ZeroDivisionError):
+        failed.get(timeout=10)
+    assert failed.state == states.FAILURE
+
+
+def test_retry_goes_through_the_broker(app: Taskframe, run_worker: Any) -> None:
+    @app.task(bind=True, max_retries=3, default_retry_delay=0.05)
+    def flaky(self: Task[Any, Any]) -> int:
+        if self.request.retries < 2:
+            raise self.retry(exc=ConnectionError("later"))
+        return self.request.retries
+
+    run_worker()
+    assert flaky.delay().get(timeout=10) == 2
+
+
+def test_countdown_runs_later(app: Taskframe, run_worker: Any) -> None:
+    @app.task
+    def ping() -> str:
+        return "pong"
+
+    run_worker()
+    result = ping.apply_async(countdown=0.3)
+    assert result.state == states.PENDING
+    assert result.get(timeout=10) == "pong"
+
+
+def test_expired_task_is_revoked_not_run(app: Taskframe, run_worker: Any) -> None:
+    ran: list[int] = []
+
+    @app.task
+    def never() -> None:
+        ran.append(1)
+
+    result = never.apply_async(expires=-1)
+    run_worker()
+    with pytest.raises(TaskRevokedError):
+        result.get(timeout=10)
+    assert result.state == states.REVOKED
+    assert ran == []
+
+
+def test_garbage_is_rejected_and_the_worker_goes_on(
+    app: Taskframe, run_worker: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    @app.task
+    def ok() -> str:
+        return "still alive"
+
+    caplog.set_level(logging.INFO)
+    conn = app.producer_connection()
+    transport = conn.transport
+    transport.declare(app.router.queue("celery"))
+    bad_id = str(uuid.uuid4())
+    garbage = [
+        Envelope(b"{not json", "application/json", "utf-8",
+                 {"task": ok.name, "id": str(uuid.uuid4())}),
+        Envelope(b"[[], {}, {}]", "application/json", "utf-8", {"lang": "py"}),
+        Envelope(b"[[], {}, {}]", "application/json", "utf-8",
+                 {"task": "no.such.task", "id": bad_id}),
+        Envelope(b"\x80\x04K\x01.", "application/x-python-serialize", "binary",
+                 {"task": ok.name, "id": str(uuid.uuid4())}),
+    ]
+    for envelope in garbage:
+        transport.publish(envelope, exchange="", routing_key="celery")
+    run_worker()
+    assert ok.delay().get(timeout=10) == "still alive"
+    unknown = app.AsyncResult(bad_id)
+    with pytest.raises(NotRegistered):
+        unknown.get(timeout=10)
+    rejected = [r for r in caplog.records if r.getMessage().startswith("Rejected message")]
+    assert len(rejected) == 3, [r.getMessage() for r in rejected]
+    assert any("unregistered task" in r.getMessage() for r in caplog.records)
+    assert transport.queue_size("celery") == 0
+
+
+def test_link_callback_gets_the_result(app: Taskframe, run_worker: Any) -> None:
+    @app.task
+    def add(x: int, y: int) -> int:
+        return x + y
+
+    run_worker()
+    callback_id = str(uuid.uuid4())
+    add.apply_async((1, 2), link=add.s(10).set(task_id=callback_id)).get(timeout=10)
+    assert app.AsyncResult(callback_id).get(timeout=10) == 13
+
+
+def test_warm_shutdown_finishes_running_late_ack_task(app: Taskframe) -> None:
+    started = threading.Event()
+    release = threading.Event()
+
+    @app.task(acks_late=True)
+    def slow() -> str:
+        started.set()
+        release.wait(10)
+        return "done"
+
+    worker, thread = start_worker(app)
+    result = slow.delay()
+    assert started.wait(10)
+    worker.stop()
+    release.set()
+    thread.join(10)
+    assert not thread.is_alive()
+    assert result.get(timeout=10) == "done"
+    assert worker.exit_code == 0

@@ -1,0 +1,120 @@
+"""Every setting taskframe knows, with Celery's name and default, in ONE table.
+
+Code reads settings by these names only (``app.conf.task_default_queue``); a name
+that is not in this table warns with a did-you-mean when set. Durations are
+seconds.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+__all__ = ["DEFAULTS", "EMBEDDED_BACKEND_URL", "EMBEDDED_BROKER_URL"]
+
+EMBEDDED_BROKER_URL = "sqlite:///taskframe.sqlite3"
+EMBEDDED_BACKEND_URL = "db+sqlite:///taskframe.sqlite3"
+
+DEFAULTS: dict[str, Any] = {
+    # -- broker ------------------------------------------------------------------------
+    "broker_url": None,
+    "broker_read_url": None,
+    "broker_write_url": None,
+    "broker_transport_options": {},
+    "broker_connection_retry": True,
+    "broker_connection_retry_on_startup": True,
+    "broker_connection_max_retries": 100,
+    "broker_connection_timeout": 4.0,
+    "broker_heartbeat": 60.0,
+    "broker_pool_limit": 10,
+    "broker_use_ssl": False,
+    "broker_login_method": None,
+    "broker_failover_strategy": None,
+    "broker_channel_error_retry": False,
+    # -- results -----------------------------------------------------------------------
+    "result_backend": None,
+    "result_backend_transport_options": {},
+    "result_serializer": "json",
+    "result_accept_content": None,
+    "result_expires": 86400.0,
+    "result_extended": False,
+    "result_persistent": None,
+    "result_compression": None,
+    "result_chord_join_timeout": 3.0,
+    "result_chord_retry_interval": 1.0,
+    "result_backend_always_retry": False,
+    "result_backend_max_retries": 3.0,
+    "database_table_names": {},
+    "database_table_schemas": {},
+    "database_engine_options": {},
+    "database_short_lived_sessions": False,
+    "database_create_tables_at_setup": True,
+    # -- tasks -------------------------------------------------------------------------
+    "accept_content": ["json"],
+    "task_serializer": "json",
+    "task_compression": None,
+    "task_protocol": 2,
+    "task_default_queue": "celery",
+    "task_default_exchange": None,
+    "task_default_exchange_type": "direct",
+    "task_default_routing_key": None,
+    "task_default_queue_type": "classic",
+    "task_default_delivery_mode": 2,
+    "task_default_priority": None,
+    "task_default_rate_limit": None,
+    "task_queue_max_priority": None,
+    "task_queues": None,
+    "task_routes": None,
+    "task_create_missing_queues": True,
+    "task_always_eager": False,
+    "task_eager_propagates": False,
+    "task_store_eager_result": False,
+    "task_ignore_result": False,
+    "task_store_errors_even_if_ignored": False,
+    "task_track_started": False,
+    "task_acks_late": False,
+    "task_acks_on_failure_or_timeout": True,
+    "task_reject_on_worker_lost": None,
+    "task_time_limit": None,
+    "task_soft_time_limit": None,
+    "task_annotations": None,
+    "task_publish_retry": True,
+    "task_publish_retry_policy": {
+        "max_retries": 3,
+        "interval_start": 0.0,
+        "interval_step": 0.2,
+        "interval_max": 0.2,
+    },
+    "task_send_sent_event": False,
+    "task_inherit_parent_priority": False,
+    "task_remote_tracebacks": False,
+    # -- worker ------------------------------------------------------------------------
+    "worker_concurrency": None,
+    "worker_pool": "threads",
+    "worker_prefetch_multiplier": 4,
+    "worker_disable_prefetch": False,
+    "worker_hijack_root_logger": True,
+    "worker_log_color": None,
+    "worker_log_format": "[%(asctime)s: %(levelname)s/%(processName)s] %(message)s",
+    "worker_task_log_format": (
+        "[%(asctime)s: %(levelname)s/%(processName)s] %(task_name)s[%(task_id)s]: %(message)s"
+    ),
+    "worker_redirect_stdouts": True,
+    "worker_redirect_stdouts_level": "WARNING",
+    "worker_send_task_events": False,
+    "worker_soft_shutdown_timeout": 0.0,
+    "worker_max_tasks_per_child": None,
+    "worker_max_memory_per_child": None,
+    "worker_eta_task_limit": None,
+    "worker_state_db": None,
+    "worker_timer_precision": 1.0,
+    "worker_lost_wait": 10.0,
+    "worker_direct": False,
+    # -- events, time, modules ---------------------------------------------------------
+    "event_serializer": "json",
+    "event_queue_ttl": 5.0,
+    "event_queue_expires": 60.0,
+    "timezone": None,
+    "enable_utc": True,
+    "imports": (),
+    "include": (),
+}

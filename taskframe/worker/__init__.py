@@ -1,0 +1,1 @@
+"""The worker: consumer loop, requests, tracing, lifecycle."""

@@ -1,0 +1,347 @@
+"""The receive loop: the only code that touches the consuming broker connection.
+
+One loop, in the worker's main thread:
+
+1. settle what the pool reported (acks, rejects) since the last turn,
+2. start reserved requests while the pool has free slots,
+3. poll the broker for more messages, up to the prefetch bound,
+4. every second, ``transport.maintain()`` (heartbeats, claim refresh).
+
+Pool threads never touch the connection: they put ``(request, action)`` on a
+thread-safe queue that the loop drains (py-amqp channels are not thread-safe).
+"""
+
+from __future__ import annotations
+
+import collections
+import heapq
+import itertools
+import logging
+import queue
+import threading
+import time
+from typing import TYPE_CHECKING, Any
+
+from taskframe import signals
+from taskframe.errors import (
+    ContentDisallowed,
+    DecodeError,
+    InvalidTaskError,
+    NotRegistered,
+    TransportError,
+)
+from taskframe.protocol import decode_message, states
+from taskframe.transport import Connection, Message, Queue
+from taskframe.transport.errors import BrokerConnectionError, ConnectionLost
+from taskframe.worker.request import Request
+from taskframe.worker.trace import Outcome, execute
+
+if TYPE_CHECKING:
+    from taskframe.app import Taskframe
+    from taskframe.pools.base import Pool
+
+__all__ = ["Consumer"]
+
+logger = logging.getLogger("taskframe.worker.consumer")
+
+# Messages due within this many seconds wait in memory; later ones go back to a
+# broker that can delay them, so the worker never sits on far-future ETAs.
+LOCAL_ETA_WINDOW = 2.0
+MAINTAIN_INTERVAL = 1.0
+
+ACK, REJECT, REQUEUE, DONE = "ack", "reject", "requeue", "done"
+
+
+class Consumer:
+    """Receives task messages, hands them to the pool, settles them."""
+
+    def __init__(self, app: Taskframe, connection: Connection, queues: list[Queue], pool: Pool,
+                 *, hostname: str, prefetch_count: int) -> None:
+        self.app = app
+        self.connection = connection
+        self.queues = queues
+        self.pool = pool
+        self.hostname = hostname
+        self.prefetch_count = prefetch_count
+        self.accept = tuple(app.conf.accept_content)
+        self.completions: queue.SimpleQueue[tuple[Request, str]] = queue.SimpleQueue()
+        self.reserved: collections.deque[Request] = collections.deque()
+        self.timers: list[tuple[float, int, Request]] = []
+        self.held = 0  # messages received and not settled
+        self.running = 0  # jobs submitted to the pool and not done
+        self.processed = 0
+        self._seq = itertools.count()
+        self._thread = threading.current_thread()
+        self._last_maintain = 0.0
+        self._stop = threading.Event()
+
+    # -- setup ------------------------------------------------------------------------
+
+    def start_consuming(self) -> None:
+        """Declare the queues and start receiving from them."""
+        transport = self.connection.transport
+        for q in self.queues:
+            transport.declare(q)
+        transport.consume(self.queues, prefetch_count=self.prefetch_count)
+
+    def stop(self) -> None:
+        """Ask the loop to return (warm shutdown); safe from any thread or signal handler."""
+        self._stop.set()
+
+    @property
+    def stopping(self) -> bool:
+        """True once ``stop()`` was called."""
+        return self._stop.is_set()
+
+    # -- the loop ---------------------------------------------------------------------
+
+    def run(self) -> None:
+        """Run the loop until ``stop()``; reconnects when the broker link drops."""
+        while not self._stop.is_set():
+            try:
+                self.turn()
+            except (ConnectionLost, BrokerConnectionError) as exc:
+                if self._stop.is_set():
+                    break
+                self._reconnect(exc)
+
+    def turn(self) -> None:
+        """One pass of the loop."""
+        self.settle_completions()
+        self._start_due_timers()
+        self._start_reserved()
+        now = time.monotonic()
+        if now - self._last_maintain >= MAINTAIN_INTERVAL:
+            self._last_maintain = now
+            self.connection.transport.maintain()
+        if self.prefetch_count and self.held >= self.prefetch_count:
+            self._wait_for_completion(0.2)
+            return
+        timeout = 0.05 if (self.held or self.timers) else 0.5
+        for message in self.connection.transport.poll(timeout=timeout):
+            self.held += 1
+            self.on_message(message)
+
+    def _wait_for_completion(self, timeout: float) -> None:
+        try:
+            item = self.completions.get(timeout=timeout)
+        except queue.Empty:
+            return
+        self._settle(*item)
+
+    def settle_completions(self) -> None:
+        """Apply every action the pool reported."""
+        while True:
+            try:
+                item = self.completions.get_nowait()
+            except queue.Empty:
+                return
+            self._settle(*item)
+
+    def report(self, request: Request, action: str) -> None:
+        """Called by jobs (any thread): settle now on the loop's thread, else queue it."""
+        if threading.current_thread() is self._thread:
+            self._settle(request, action)
+        else:
+            self.completions.put((request, action))
+
+    def _settle(self, request: Request, action: str) -> None:
+        if action == DONE:
+            self.running -= 1
+            self.processed += 1
+            return
+        message = request.message
+        if message.settled:
+            return
+        if message.transport is not self.connection.transport:
+            # Received on a connection that has since dropped: the broker gives the
+            # message back by itself, so settling it here would be wrong or impossible.
+            logger.info("not settling %r: its connection was lost", request)
+            self.held -= 1
+            message.state = "LOST"
+            return
+        try:
+            if action == ACK:
+                message.ack()
+            elif action == REQUEUE:
+                message.reject(requeue=True)
+            else:
+                message.reject(requeue=False)
+        except TransportError as exc:
+            logger.warning("could not %s %r: %s", action, request, exc)
+        self.held -= 1
+
+    # -- receiving --------------------------------------------------------------------
+
+    def on_message(self, message: Message) -> None:
+        """Decode, validate and reserve one message (or reject it with one log line)."""
+        try:
+            tm = decode_message(message, self.accept)
+        except ContentDisallowed as exc:
+            return self._discard(message, f"content type refused ({exc}); accept_content is "
+                                 f"{list(self.accept)}")
+        except DecodeError as exc:
+            return self._discard(message, f"body cannot be decoded: {exc}")
+        except InvalidTaskError as exc:
+            return self._discard(message, f"invalid task message: {exc}")
+        task = self.app.tasks.get(tm.name)
+        if task is None:
+            return self._unknown_task(message, tm.name, tm.id)
+        acks_late = task.acks_late if task.acks_late is not None else self.app.conf.task_acks_late
+        request = Request(message, tm, task, hostname=self.hostname, acks_late=bool(acks_late))
+        logger.info("Task %s[%s] received", request.name, request.id)
+        signals.task_received.send(sender=self, request=request.context)
+        if request.expired():
+            return self._revoke_expired(request)
+        delay = request.eta_delay()
+        if delay > LOCAL_ETA_WINDOW and self.connection.transport.supports_delay:
+            return self._defer(request, delay)
+        if delay > 0:
+            heapq.heappush(self.timers, (time.monotonic() + delay, next(self._seq), request))
+            return None
+        self.reserved.append(request)
+        self._start_reserved()
+        return None
+
+    def _discard(self, message: Message, reason: str) -> None:
+        logger.error(
+            "Rejected message (delivery_tag=%r, routing_key=%r, content_type=%r, headers=%r): %s",
+            message.delivery_tag, message.delivery_info.get("routing_key"),
+            message.content_type, {k: message.headers.get(k) for k in ("id", "task")}, reason,
+        )
+        self._settle_message(message, requeue=False)
+
+    def _settle_message(self, message: Message, *, requeue: bool) -> None:
+        try:
+            message.reject(requeue=requeue)
+        except TransportError as exc:
+            logger.warning("could not reject %r: %s", message, exc)
+        self.held -= 1
+
+    def _unknown_task(self, message: Message, name: str, task_id: str) -> None:
+        logger.error(
+            "Received unregistered task of type %r (id %s): rejected. Is the module that "
+            "defines it imported by the worker (-A, include, imports)?", name, task_id,
+        )
+        exc = NotRegistered(name)
+        signals.task_unknown.send(sender=self, name=name, id=task_id, message=message, exc=exc)
+        if self.app.result_backend_url is not None:
+            try:
+                self.app.backend.mark_as_failure(task_id, exc)
+            except Exception:
+                logger.exception("could not store NotRegistered for %s", task_id)
+        self._settle_message(message, requeue=False)
+
+    def _revoke_expired(self, request: Request) -> None:
+        logger.info("Task %s[%s] expired: not run", request.name, request.id)
+        if not request.context.ignore_result and self.app.result_backend_url is not None:
+            self.app.backend.mark_as_revoked(request.id, "expired")
+        signals.task_revoked.send(sender=request.task, request=request.context,
+                                  terminated=False, signum=None, expired=True)
+        self._settle(request, ACK)
+
+    def _defer(self, request: Request, delay: float) -> None:
+        """Give a far-future ETA message back to the broker, delayed; then ack the original."""
+        transport = self.connection.transport
+        info = request.message.delivery_info
+        transport.publish(request.message.to_envelope(), exchange=info.get("exchange") or "",
+                          routing_key=info.get("routing_key") or request.message.delivery_info.get(
+                              "queue", ""), delay=delay)
+        self._settle(request, ACK)
+
+    # -- running ----------------------------------------------------------------------
+
+    def _start_due_timers(self) -> None:
+        now = time.monotonic()
+        while self.timers and self.timers[0][0] <= now:
+            _, _, request = heapq.heappop(self.timers)
+            self.reserved.append(request)
+
+    def _start_reserved(self) -> None:
+        while self.reserved and self.running < self.pool.concurrency and not self.stopping:
+            request = self.reserved.popleft()
+            if request.expired():
+                self._revoke_expired(request)
+                continue
+            self.running += 1
+            self.pool.submit(lambda request=request: self._run(request))  # type: ignore[misc]
+
+    def _run(self, request: Request) -> None:
+        """The job: runs in a pool slot."""
+        request.started = True
+        if not request.acks_late:
+            self.report(request, ACK)
+        try:
+            outcome = execute(request.task, request.context, store=self._store_results())
+            if request.acks_late:
+                self.report(request, self._late_action(request, outcome))
+            elif outcome.state == states.REJECTED and outcome.requeue:
+                logger.warning("%r asked to requeue but was acked early", request)
+        finally:
+            self.report(request, DONE)
+
+    def _store_results(self) -> bool:
+        return self.app.result_backend_url is not None
+
+    def _late_action(self, request: Request, outcome: Outcome) -> str:
+        if outcome.state == states.REJECTED:
+            return REQUEUE if outcome.requeue else REJECT
+        if outcome.state == states.FAILURE:
+            task = request.task
+            ack = task.acks_on_failure_or_timeout
+            if ack is None:
+                ack = self.app.conf.task_acks_on_failure_or_timeout
+            return ACK if ack else REJECT
+        return ACK
+
+    # -- reconnection and shutdown ----------------------------------------------------
+
+    def _reconnect(self, exc: Exception) -> None:
+        logger.error("Connection to broker lost: %s. Reconnecting...", exc)
+        # Messages received on the dropped connection come back from the broker.
+        for request in [r for _, _, r in self.timers] + list(self.reserved):
+            request.message.state = "LOST"
+        self.held -= len(self.timers) + len(self.reserved)
+        self.timers.clear()
+        self.reserved.clear()
+        try:
+            self.connection.close()
+        except TransportError:
+            pass
+        self.connection.ensure_connection(
+            max_retries=self.app.conf.broker_connection_max_retries,
+            on_error=lambda err, wait: logger.warning(
+                "Broker unreachable: %s. Trying again in %.1f s", err, wait),
+        )
+        self.start_consuming()
+        logger.info("Reconnected to %s", self.connection.safe_url())
+
+    def give_back_reserved(self) -> int:
+        """Requeue every message received but not started (shutdown); return how many."""
+        pending = list(self.reserved) + [r for _, _, r in self.timers]
+        self.reserved.clear()
+        self.timers.clear()
+        for request in pending:
+            self._settle(request, REQUEUE)
+        return len(pending)
+
+    def wait_for_running(self, deadline: float | None, cold: threading.Event) -> bool:
+        """Keep settling until every running job is done; False if cut short."""
+        while self.running > 0:
+            if cold.is_set() or (deadline is not None and time.monotonic() >= deadline):
+                return False
+            self._wait_for_completion(0.1)
+            now = time.monotonic()
+            if now - self._last_maintain >= MAINTAIN_INTERVAL:
+                self._last_maintain = now
+                try:
+                    self.connection.transport.maintain()
+                except TransportError as exc:
+                    logger.warning("maintain failed during shutdown: %s", exc)
+        self.settle_completions()
+        return True
+
+    def info(self) -> dict[str, Any]:
+        """Numbers for logs and ``inspect stats``."""
+        return {"held": self.held, "running": self.running, "reserved": len(self.reserved),
+                "scheduled": len(self.timers), "processed": self.processed}

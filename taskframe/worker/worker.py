@@ -1,0 +1,222 @@
+"""``Worker``: start, run and stop the parts of a worker, in plain visible order.
+
+``start()``:
+  logging -> import task modules -> ``worker_init`` -> connect to the broker
+  (retrying as configured) -> pool -> consumer -> signal handlers ->
+  ``worker_ready`` -> the receive loop.
+
+``stop`` (first SIGTERM/SIGINT, warm): stop taking messages, give back the
+reserved ones, let running tasks finish and settle them, close.
+A second signal (cold): give back everything not settled and exit at once.
+Nothing that did not run is ever acked.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import socket
+import threading
+import time
+from collections.abc import Sequence
+from types import FrameType
+from typing import TYPE_CHECKING, Any
+
+from taskframe import signals
+from taskframe.errors import BrokerConnectionError, TransportError
+from taskframe.log import setup_logging
+from taskframe.pools import get_pool_class
+from taskframe.worker.consumer import Consumer
+
+if TYPE_CHECKING:
+    from taskframe.app import Taskframe
+    from taskframe.transport import Queue
+
+__all__ = ["EX_COLD_SHUTDOWN", "EX_OK", "EX_UNAVAILABLE", "Worker", "expand_hostname"]
+
+logger = logging.getLogger("taskframe.worker")
+
+EX_OK = 0
+EX_COLD_SHUTDOWN = 1
+EX_UNAVAILABLE = 69
+
+
+def expand_hostname(template: str | None) -> str:
+    """``-n`` expansion: ``%h`` host, ``%n`` its first label, ``%d`` its domain."""
+    host = socket.gethostname()
+    name, _, domain = host.partition(".")
+    template = template or "taskframe@%h"
+    return template.replace("%h", host).replace("%n", name).replace("%d", domain)
+
+
+class Worker:
+    """One worker process: consumes ``queues`` and runs tasks in a pool.
+
+    Args:
+        app: the app whose tasks run here.
+        hostname: the node name (``-n``), ``%h`` expanded.
+        pool: ``-P`` name (``solo`` or ``threads`` in this version).
+        concurrency: ``-c``; defaults to ``worker_concurrency`` or the CPU count.
+        queues: names to consume (``-Q``); defaults to every queue in ``task_queues``
+            (or ``task_default_queue``).
+        loglevel: ``-l``.
+        install_signal_handlers: handle SIGTERM/SIGINT (main thread only).
+    """
+
+    def __init__(
+        self,
+        app: Taskframe,
+        *,
+        hostname: str | None = None,
+        pool: str | None = None,
+        concurrency: int | None = None,
+        queues: Sequence[str] | None = None,
+        exclude_queues: Sequence[str] | None = None,
+        loglevel: str | int = "INFO",
+        prefetch_multiplier: int | None = None,
+        logfile: str | None = None,
+        setup_logs: bool = True,
+        install_signal_handlers: bool = True,
+    ) -> None:
+        conf = app.conf
+        self.app = app
+        self.hostname = expand_hostname(hostname)
+        self.pool_name = pool or conf.worker_pool
+        self.concurrency = concurrency or conf.worker_concurrency or os.cpu_count() or 1
+        if self.pool_name == "solo":
+            self.concurrency = 1
+        self.queue_names = list(queues or [])
+        self.exclude_queues = set(exclude_queues or ())
+        self.loglevel = loglevel
+        self.logfile = logfile
+        self.setup_logs = setup_logs
+        multiplier = conf.worker_prefetch_multiplier if prefetch_multiplier is None \
+            else prefetch_multiplier
+        self.prefetch_count = 0 if multiplier == 0 else int(multiplier) * self.concurrency
+        if conf.worker_disable_prefetch:
+            self.prefetch_count = self.concurrency
+        self.install_signal_handlers = install_signal_handlers
+        self.consumer: Consumer | None = None
+        self._cold = threading.Event()
+        self._signals_seen = 0
+        self.exit_code = EX_OK
+
+    # -- lifecycle --------------------------------------------------------------------
+
+    def start(self) -> int:
+        """Run until shut down; return the process exit code."""
+        conf = self.app.conf
+        if self.setup_logs:
+            setup_logging(self.loglevel, hijack_root=bool(conf.worker_hijack_root_logger),
+                          fmt=conf.worker_log_format, task_fmt=conf.worker_task_log_format,
+                          logfile=self.logfile)
+        self.app.import_modules()
+        self.app.origin = self.hostname
+        signals.worker_init.send(sender=self)
+        connection = self.app.connection(conf.broker_read_url or None)
+        max_retries = conf.broker_connection_max_retries \
+            if conf.broker_connection_retry_on_startup else 0
+        try:
+            connection.ensure_connection(
+                max_retries=max_retries,
+                on_error=lambda exc, wait: logger.error(
+                    "Cannot connect to %s: %s. Trying again in %.1f s",
+                    connection.safe_url(), exc, wait),
+            )
+        except BrokerConnectionError as exc:
+            logger.critical("Cannot connect to the broker %s: %s. Giving up.",
+                            connection.safe_url(), exc)
+            return EX_UNAVAILABLE
+        pool = get_pool_class(self.pool_name)(self.concurrency)
+        pool.start()
+        self.consumer = Consumer(self.app, connection, self.queues(), pool,
+                                 hostname=self.hostname, prefetch_count=self.prefetch_count)
+        try:
+            self.consumer.start_consuming()
+            if self.install_signal_handlers:
+                self._install_signal_handlers()
+            self._log_banner(connection.safe_url())
+            signals.worker_ready.send(sender=self)
+            self.consumer.run()
+        except BrokerConnectionError as exc:
+            logger.critical("Lost the broker and could not reconnect: %s. Exiting.", exc)
+            self.exit_code = EX_UNAVAILABLE
+        finally:
+            self._shutdown(pool, connection)
+        return self.exit_code
+
+    def queues(self) -> list[Queue]:
+        """The queues to consume."""
+        router = self.app.router
+        names = self.queue_names or list(router.queues)
+        return [router.queue(n) for n in names if n not in self.exclude_queues]
+
+    def stop(self, *, cold: bool = False) -> None:
+        """Ask for a warm (or cold) shutdown; safe from any thread."""
+        if cold:
+            self._cold.set()
+        if self.consumer is not None:
+            self.consumer.stop()
+
+    def _shutdown(self, pool: Any, connection: Any) -> None:
+        consumer = self.consumer
+        assert consumer is not None
+        consumer.stop()
+        logger.info("%s: shutting down (%s).", self.hostname,
+                    "cold" if self._cold.is_set() else "warm")
+        try:
+            for q in consumer.queues:
+                connection.transport.cancel(q.name)
+            given_back = consumer.give_back_reserved()
+            if given_back:
+                logger.info("gave back %d reserved message(s) to the broker", given_back)
+            timeout = float(self.app.conf.worker_soft_shutdown_timeout or 0) or None
+            deadline = None if timeout is None else time.monotonic() + timeout
+            if not consumer.wait_for_running(deadline, self._cold):
+                self.exit_code = EX_COLD_SHUTDOWN
+                logger.warning("cold shutdown: %d running task(s) not finished; their "
+                               "unacked messages go back to the broker", consumer.running)
+        except TransportError as exc:
+            logger.error("broker error during shutdown: %s", exc)
+        pool.stop(wait=not self._cold.is_set(), timeout=1.0)
+        connection.close()
+        signals.worker_shutdown.send(sender=self)
+        # Broker connections only: the app (and its backend) may live on in this process.
+        self.app.close(backend=False)
+
+    # -- signals and banner -------------------------------------------------------------
+
+    def _install_signal_handlers(self) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            return
+        signal.signal(signal.SIGTERM, self._on_signal)
+        signal.signal(signal.SIGINT, self._on_signal)
+
+    def _on_signal(self, signum: int, frame: FrameType | None) -> None:
+        self._signals_seen += 1
+        name = signal.Signals(signum).name
+        if self._signals_seen == 1:
+            logger.warning("%s received: warm shutdown (send it again for a cold one)", name)
+            self.stop()
+        else:
+            logger.warning("%s received again: cold shutdown", name)
+            self.stop(cold=True)
+
+    def _log_banner(self, url: str) -> None:
+        tasks = sorted(n for n in self.app.tasks if not n.startswith("celery."))
+        logger.info(
+            "%s ready. broker: %s, results: %s, pool: %s (concurrency %d), prefetch: %s, "
+            "queues: %s", self.hostname, url, _safe(self.app.result_backend_url),
+            self.pool_name, self.concurrency, self.prefetch_count or "unlimited",
+            ", ".join(q.name for q in self.queues()),
+        )
+        logger.info("tasks: %s", ", ".join(tasks) or "(none registered)")
+
+
+def _safe(url: str | None) -> str:
+    if not url:
+        return "disabled"
+    from taskframe.transport.url import safe_url
+
+    return safe_url(url)

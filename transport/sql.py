@@ -1,0 +1,430 @@
+"""The SQL transport: a message queue in a database table, on SQLAlchemy 2 Core.
+
+Features:
+    * SQLite (the embedded default: no server) and PostgreSQL; other
+      SQLAlchemy databases with ``SELECT ... FOR UPDATE SKIP LOCKED`` work too.
+    * Several consumers, in several processes, on one database: each message is
+      claimed by one consumer at a time. PostgreSQL claims with ``UPDATE ...
+      WHERE id IN (SELECT ... FOR UPDATE SKIP LOCKED) RETURNING``; SQLite runs
+      the same statement inside ``BEGIN IMMEDIATE`` (WAL mode, busy timeout).
+      Without ``UPDATE ... RETURNING`` (SQLite < 3.35, MariaDB) the claim is a
+      locked ``SELECT`` then an ``UPDATE`` in one transaction.
+    * Reliable delivery: a claim lasts ``visibility_timeout`` seconds. A consumer
+      that dies (``kill -9``) loses its claims when they expire and the messages
+      go to another consumer. A live consumer keeps its claims by calling
+      ``maintain()`` at least every ``visibility_timeout / 4`` seconds; the
+      worker's consumer loop does so. ``close()`` releases claims at once.
+    * ``ack`` deletes the row only if it still carries this transport's claim
+      token (a warning is logged when the claim was lost, as the message may
+      then run twice).
+    * Delayed messages (``supports_delay``): ``due_at`` in the future.
+    * Priorities (higher first, then ``due_at``, then publish order), exchanges
+      (direct, topic, fanout) through a bindings table; ``exchange=""`` delivers
+      to the queue named by the routing key.
+    * Wake-ups: PostgreSQL (psycopg 3) with LISTEN/NOTIFY; otherwise polling
+      every ``polling_interval`` seconds, backing off to ``polling_interval_max``
+      while idle. A wait never runs past the next delayed message's due time.
+
+URLs:
+    ``sqlite:///relative/file.sqlite3``, ``sqlite:////absolute/file.sqlite3`` and
+    ``sqla+<SQLAlchemy URL>``, e.g. ``sqla+postgresql://postgres@127.0.0.1:5432/test``
+    (plain ``postgresql://`` uses the psycopg 3 driver).
+
+Options (``transport_options``):
+    ``table_prefix`` ("taskframe_"), ``visibility_timeout`` (60.0),
+    ``polling_interval`` (0.05), ``polling_interval_max`` (0.5),
+    ``busy_timeout`` (SQLite, 30.0), ``max_batch`` (100: rows one poll claims
+    when there is no prefetch bound), ``connect_timeout`` (4.0).
+
+Clocks: due times and claims use each host's wall clock; keep hosts in sync (NTP).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from collections.abc import Mapping, Sequence
+from typing import Any, ClassVar
+
+import sqlalchemy as sa
+
+from .base import Envelope, Message, Transport
+from .entities import Exchange, Queue
+from .errors import BrokerConnectionError
+from .routing import Binding, check_exchange_type, route
+from .serialization import json_dumps, json_loads
+from .sql_schema import (
+    DEFAULT_MAX_BATCH,
+    DEFAULT_POLLING_INTERVAL,
+    DEFAULT_POLLING_INTERVAL_MAX,
+    DEFAULT_TABLE_PREFIX,
+    DEFAULT_VISIBILITY_TIMEOUT,
+    LISTEN_WAIT_MAX,
+    PgListener,
+    Tables,
+    build_engine,
+    create_tables,
+    sqlalchemy_url,
+    translate_errors,
+)
+
+__all__ = ["SQLTransport"]
+
+logger = logging.getLogger(__name__)
+
+# While the prefetch bound is reached, poll() waits this long at most so the
+# caller's loop can settle messages instead of blocking for its whole timeout.
+_FULL_WAIT = 0.05
+
+
+class SQLTransport(Transport):
+    """A transport on a SQL database (see the module docstring)."""
+
+    schemes: ClassVar[tuple[str, ...]] = ("sqlite", "sqla")
+    supports_delay: ClassVar[bool] = True
+    supports_fanout: ClassVar[bool] = True
+
+    def __init__(self, url: str, options: Mapping[str, Any] | None = None) -> None:
+        super().__init__(url, options)
+        self._sa_url = sqlalchemy_url(url)
+        opts = self.options
+        self._tables = Tables(str(opts.get("table_prefix", DEFAULT_TABLE_PREFIX)))
+        self.visibility_timeout = float(opts.get("visibility_timeout", DEFAULT_VISIBILITY_TIMEOUT))
+        self._interval_min = float(opts.get("polling_interval", DEFAULT_POLLING_INTERVAL))
+        self._interval_max = float(opts.get("polling_interval_max", DEFAULT_POLLING_INTERVAL_MAX))
+        self._interval = self._interval_min
+        self._max_batch = int(opts.get("max_batch", DEFAULT_MAX_BATCH))
+        self._connect_timeout = float(opts.get("connect_timeout", 4.0))
+        # Our claim token: rows we hold carry it, so ack/maintain/close touch only ours.
+        self.token = uuid.uuid4().hex
+        self._engine: sa.Engine | None = None
+        self._listener: PgListener | None = None
+        self._consumed: dict[str, Queue] = {}
+        self._prefetch = 0
+        self._held: set[int] = set()
+        self._refreshed_at = 0.0
+
+    def __repr__(self) -> str:
+        return f"<SQLTransport {self._sa_url.render_as_string(hide_password=True)}>"
+
+    # -- connection -------------------------------------------------------------------
+
+    def connect(self) -> None:
+        if self._engine is not None:
+            return
+        options = {**self.options, "connect_timeout": self._connect_timeout}
+        engine = build_engine(self._sa_url, options)
+        try:
+            with translate_errors(f"cannot connect to {self!r}", connecting=True):
+                create_tables(engine, self._tables)
+                if engine.url.drivername == "postgresql+psycopg":
+                    self._listener = PgListener(
+                        engine, self._tables.channel, self._connect_timeout
+                    )
+        except BaseException:
+            engine.dispose()
+            raise
+        self._engine = engine
+
+    def close(self) -> None:
+        engine, self._engine = self._engine, None
+        if engine is None:
+            return
+        if self._listener is not None:
+            self._listener.close()
+            self._listener = None
+        if self._held:
+            messages = self._tables.messages
+            try:
+                with translate_errors("releasing claims"), engine.begin() as conn:
+                    conn.execute(
+                        sa.update(messages)
+                        .where(messages.c.claim == self.token)
+                        .values(claim=None, claimed_until=None)
+                    )
+                    self._notify(conn, engine)
+            except BrokerConnectionError as exc:
+                # They come back anyway once the visibility timeout passes.
+                logger.warning("%r: could not release held messages: %s", self, exc)
+            self._held.clear()
+        engine.dispose()
+
+    @property
+    def connected(self) -> bool:
+        return self._engine is not None
+
+    def _require(self) -> sa.Engine:
+        if self._engine is None:
+            raise BrokerConnectionError(f"{self!r} is not connected")
+        return self._engine
+
+    def _notify(self, conn: sa.Connection, engine: sa.Engine) -> None:
+        # Delivered at commit, so a woken consumer finds the rows.
+        if engine.dialect.name == "postgresql":
+            conn.execute(sa.select(sa.func.pg_notify(self._tables.channel, "")))
+
+    # -- topology -------------------------------------------------------------------------
+
+    def declare(self, queue: Queue) -> None:
+        engine = self._require()
+        exchange = queue.bound_exchange
+        if not exchange.name:
+            return  # queues are implicit: a row names its queue
+        check_exchange_type(exchange.type)
+        bindings = self._tables.bindings
+        row = {
+            "exchange": exchange.name,
+            "exchange_type": exchange.type,
+            "routing_key": queue.bound_routing_key,
+            "queue": queue.name,
+        }
+        match = sa.and_(*(bindings.c[key] == value for key, value in row.items()))
+        with translate_errors(f"declaring {queue.name!r}"):
+            with engine.begin() as conn:
+                if conn.execute(sa.select(sa.literal(1)).where(match)).first() is not None:
+                    return
+            try:
+                with engine.begin() as conn:
+                    conn.execute(sa.insert(bindings).values(**row))
+            except sa.exc.IntegrityError:
+                pass  # another process declared it between our check and insert
+
+    def declare_exchange(self, exchange: Exchange) -> None:
+        if exchange.name:
+            check_exchange_type(exchange.type)
+
+    # -- publishing -------------------------------------------------------------------------
+
+    def publish(
+        self,
+        envelope: Envelope,
+        *,
+        exchange: str,
+        routing_key: str,
+        delay: float | None = None,
+    ) -> None:
+        engine = self._require()
+        now = time.time()
+        row = {
+            "priority": int(envelope.properties.get("priority") or 0),
+            "due_at": now + max(0.0, delay or 0.0),
+            "delivery_count": 0,
+            "body": envelope.body,
+            "content_type": envelope.content_type,
+            "content_encoding": envelope.content_encoding,
+            "headers": json_dumps(envelope.headers),
+            "properties": json_dumps(envelope.properties),
+            "exchange": exchange,
+            "routing_key": routing_key,
+            "created_at": now,
+        }
+        where = f"{exchange!r}/{routing_key!r}"
+        with translate_errors(f"publishing to {where}"), engine.begin() as conn:
+            targets = self._route(conn, exchange, routing_key)
+            if not targets:
+                logger.warning("%r: no queue bound for %s; message dropped", self, where)
+                return
+            conn.execute(sa.insert(self._tables.messages), [{**row, "queue": q} for q in targets])
+            self._notify(conn, engine)
+
+    def _route(self, conn: sa.Connection, exchange: str, routing_key: str) -> list[str]:
+        if not exchange:
+            return [routing_key]
+        table = self._tables.bindings
+        rows = conn.execute(
+            sa.select(table.c.exchange_type, table.c.routing_key, table.c.queue)
+            .where(table.c.exchange == exchange)
+            .order_by(table.c.queue)
+        )
+        bindings = [Binding(exchange, r.exchange_type, r.routing_key, r.queue) for r in rows]
+        return route(bindings, routing_key)
+
+    # -- consuming ----------------------------------------------------------------------------
+
+    def consume(self, queues: Sequence[Queue], *, prefetch_count: int = 0) -> None:
+        for queue in queues:
+            self.declare(queue)
+            self._consumed[queue.name] = queue
+        self._prefetch = prefetch_count
+
+    def cancel(self, queue_name: str) -> None:
+        self._consumed.pop(queue_name, None)
+
+    def set_prefetch(self, prefetch_count: int) -> None:
+        self._prefetch = prefetch_count
+
+    def poll(self, timeout: float | None = None) -> list[Message]:
+        engine = self._require()
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with translate_errors("polling"):
+            while True:
+                room = self._max_batch if self._prefetch <= 0 else self._prefetch - len(self._held)
+                if room > 0 and self._consumed:
+                    if self._listener is not None:
+                        self._listener.drain()
+                    messages = self._claim(engine, room)
+                    if messages:
+                        self._interval = self._interval_min
+                        return messages
+                remaining = None if deadline is None else deadline - time.monotonic()
+                if remaining is not None and remaining <= 0:
+                    return []
+                if room <= 0 or not self._consumed:
+                    time.sleep(_FULL_WAIT if remaining is None else min(remaining, _FULL_WAIT))
+                    return []
+                self._wait(engine, remaining)
+
+    def _wait(self, engine: sa.Engine, remaining: float | None) -> None:
+        """Sleep until something may be claimable, at most ``remaining`` seconds."""
+        limit = LISTEN_WAIT_MAX if self._listener is not None else self._interval
+        if remaining is not None:
+            limit = min(limit, remaining)
+        next_due = self._next_due(engine)
+        if next_due is not None:
+            limit = max(0.0, min(limit, next_due - time.time()))
+        if self._listener is not None:
+            self._listener.wait(limit)
+        else:
+            time.sleep(limit)
+            self._interval = min(self._interval * 2, self._interval_max)
+
+    def _claimable(self, queue_names: Sequence[str], now: float) -> sa.ColumnElement[bool]:
+        """Rows of ``queue_names`` that are due and not held (or whose claim expired)."""
+        messages = self._tables.messages
+        return sa.and_(
+            messages.c.queue.in_(list(queue_names)),
+            messages.c.due_at <= now,
+            sa.or_(messages.c.claim.is_(None), messages.c.claimed_until < now),
+        )
+
+    def _claim(self, engine: sa.Engine, limit: int) -> list[Message]:
+        messages = self._tables.messages
+        now = time.time()
+        pick = (
+            sa.select(messages.c.id)
+            .where(self._claimable(list(self._consumed), now))
+            .order_by(messages.c.priority.desc(), messages.c.due_at, messages.c.id)
+            .limit(limit)
+            .with_for_update(skip_locked=True)
+        )
+        values = {
+            "claim": self.token,
+            "claimed_until": now + self.visibility_timeout,
+            "delivery_count": messages.c.delivery_count + 1,
+        }
+        columns = [c for c in messages.c if c.name not in ("claim", "claimed_until")]
+        with engine.begin() as conn:
+            if engine.dialect.update_returning:
+                claim = sa.update(messages).where(messages.c.id.in_(pick)).values(**values)
+                rows = list(conn.execute(claim.returning(*columns)))
+            else:
+                locked = pick.with_only_columns(*columns)
+                rows = list(conn.execute(locked))
+                if rows:
+                    ids = [row.id for row in rows]
+                    conn.execute(sa.update(messages).where(messages.c.id.in_(ids)).values(**values))
+        # RETURNING gives no order; restore the queue order.
+        rows.sort(key=lambda row: (-row.priority, row.due_at, row.id))
+        counted = engine.dialect.update_returning
+        return [self._to_message(row, 0 if counted else 1) for row in rows]
+
+    def _to_message(self, row: sa.Row[Any], extra_deliveries: int) -> Message:
+        self._held.add(row.id)
+        delivery_count = row.delivery_count + extra_deliveries
+        return Message(
+            self,
+            body=bytes(row.body),
+            delivery_tag=row.id,
+            content_type=row.content_type,
+            content_encoding=row.content_encoding,
+            headers=json_loads(row.headers),
+            properties=json_loads(row.properties),
+            delivery_info={
+                "exchange": row.exchange,
+                "routing_key": row.routing_key,
+                "priority": row.priority,
+                "redelivered": delivery_count > 1,
+                "queue": row.queue,
+            },
+        )
+
+    def _next_due(self, engine: sa.Engine) -> float | None:
+        messages = self._tables.messages
+        now = time.time()
+        query = sa.select(sa.func.min(messages.c.due_at)).where(
+            messages.c.queue.in_(list(self._consumed)),
+            messages.c.due_at > now,
+            messages.c.claim.is_(None),
+        )
+        with engine.begin() as conn:
+            due = conn.execute(query).scalar()
+        return None if due is None else float(due)
+
+    def ack(self, message: Message) -> None:
+        self._settle(message, delete=True, action="ack")
+
+    def reject(self, message: Message, *, requeue: bool) -> None:
+        self._settle(message, delete=not requeue, action="requeue" if requeue else "reject")
+
+    def _settle(self, message: Message, *, delete: bool, action: str) -> None:
+        engine = self._require()
+        messages = self._tables.messages
+        ours = sa.and_(messages.c.id == message.delivery_tag, messages.c.claim == self.token)
+        what = f"{action} of message {message.delivery_tag}"
+        with translate_errors(what), engine.begin() as conn:
+            if delete:
+                result = conn.execute(sa.delete(messages).where(ours))
+            else:
+                result = conn.execute(
+                    sa.update(messages).where(ours).values(claim=None, claimed_until=None)
+                )
+                self._notify(conn, engine)
+        self._held.discard(message.delivery_tag)
+        if result.rowcount == 0:
+            logger.warning(
+                "%r: %s of message %s: its claim was lost (visibility timeout of %.1fs passed "
+                "without maintain()?); another consumer may run it again",
+                self, action, message.delivery_tag, self.visibility_timeout,
+            )
+
+    def maintain(self) -> None:
+        """Refresh the claims of every held message (call at least every visibility_timeout/4).
+
+        Calls closer together than a tenth of the visibility timeout are skipped:
+        the claims are still fresh.
+        """
+        engine = self._require()
+        now = time.time()
+        if not self._held or now - self._refreshed_at < self.visibility_timeout / 10:
+            return
+        messages = self._tables.messages
+        with translate_errors("refreshing claims"), engine.begin() as conn:
+            result = conn.execute(
+                sa.update(messages)
+                .where(messages.c.claim == self.token)
+                .values(claimed_until=now + self.visibility_timeout)
+            )
+        self._refreshed_at = now
+        if result.rowcount < len(self._held):
+            logger.warning(
+                "%r: %d held message(s) lost their claim; another consumer may run them",
+                self, len(self._held) - result.rowcount,
+            )
+
+    # -- administration ---------------------------------------------------------------------
+
+    def purge(self, queue_name: str) -> int:
+        engine = self._require()
+        messages = self._tables.messages
+        ready = self._claimable([queue_name], time.time())
+        with translate_errors(f"purging {queue_name!r}"), engine.begin() as conn:
+            return int(conn.execute(sa.delete(messages).where(ready)).rowcount)
+
+    def queue_size(self, queue_name: str) -> int:
+        engine = self._require()
+        messages = self._tables.messages
+        query = sa.select(sa.func.count()).select_from(messages)
+        query = query.where(self._claimable([queue_name], time.time()))
+        with translate_errors(f"counting {queue_name!r}"), engine.begin() as conn:
+            return int(conn.execute(query).scalar() or 0)
