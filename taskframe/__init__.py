@@ -57,7 +57,31 @@ _EXPORTS = {
     "signature": "taskframe.canvas",
 }
 
-__all__ = sorted([*_EXPORTS, "__version__"])
+__all__ = [
+    "AsyncResult",
+    "Celery",
+    "Context",
+    "EagerResult",
+    "Ignore",
+    "MaxRetriesExceededError",
+    "NotRegistered",
+    "Reject",
+    "Retry",
+    "Signature",
+    "SoftTimeLimitExceeded",
+    "Task",
+    "TaskRevokedError",
+    "Taskframe",
+    "TaskframeError",
+    "TimeLimitExceeded",
+    "Worker",
+    "WorkerLostError",
+    "__version__",
+    "current_app",
+    "get_task_logger",
+    "shared_task",
+    "signature",
+]
 
 
 def __getattr__(name: str) -> Any:

@@ -200,7 +200,8 @@ class Taskframe:
              base: type[Task[Any, Any]] | None = ..., **options: Any
              ) -> Callable[[Callable[P, R]], Task[P, R]]: ...
 
-    def task(self, fn: Callable[..., Any] | None = None, /, *, bind: bool = False,
+    def task(self, fn: Callable[..., Any] | None = None, /, *,  # type: ignore[misc]
+             bind: bool = False,
              name: str | None = None, base: type[Task[Any, Any]] | None = None,
              **options: Any) -> Any:
         """Register a function as a task: ``@app.task`` or ``@app.task(bind=True, ...)``."""
@@ -413,7 +414,7 @@ class Taskframe:
         signals.after_task_publish.send(sender=message.name, body=body, headers=headers,
                                         exchange=route.exchange, routing_key=route.routing_key)
 
-    def AsyncResult(self, task_id: str, task_name: str | None = None) -> AsyncResult[Any]:  # noqa: N802
+    def AsyncResult(self, task_id: str, task_name: str | None = None) -> AsyncResult[Any]:
         """A result handle for ``task_id``."""
         return AsyncResult(task_id, app=self, task_name=task_name)
 

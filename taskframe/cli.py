@@ -46,7 +46,8 @@ def find_app(spec: str) -> Taskframe:
         if exc.name is None or not module_name.startswith(exc.name):
             raise
         if attr or "." not in module_name:
-            raise ImproperlyConfigured(f"cannot import module {module_name!r} (-A {spec})")
+            raise ImproperlyConfigured(
+                f"cannot import module {module_name!r} (-A {spec})") from exc
         parent, _, attr = module_name.rpartition(".")
         module = importlib.import_module(parent)
     if attr:

@@ -25,6 +25,9 @@ class TaskFormatter(logging.Formatter):
         self._task_formatter = logging.Formatter(task_fmt)
 
     def format(self, record: logging.LogRecord) -> str:
+        if _is_internal(record.name):
+            # taskframe's own lines already say "Task name[id] ...".
+            return super().format(record)
         request = current_request()
         task_id = getattr(record, "task_id", None) or (request.id if request else None)
         if task_id:
@@ -33,6 +36,10 @@ class TaskFormatter(logging.Formatter):
                 record.task_name = (request.shadow or request.task) if request else "?"
             return self._task_formatter.format(record)
         return super().format(record)
+
+
+def _is_internal(name: str) -> bool:
+    return name.startswith("taskframe.") and not name.startswith("taskframe.task.")
 
 
 def setup_logging(
@@ -47,9 +54,9 @@ def setup_logging(
     """Install taskframe's handler and level; returns the handler. Idempotent."""
     level = logging.getLevelName(loglevel.upper()) if isinstance(loglevel, str) else loglevel
     target = logging.getLogger() if hijack_root else logging.getLogger("taskframe")
-    for handler in list(target.handlers):
-        if getattr(handler, _HANDLER_FLAG, False):
-            target.removeHandler(handler)
+    for old in list(target.handlers):
+        if getattr(old, _HANDLER_FLAG, False):
+            target.removeHandler(old)
     handler: logging.Handler = (
         logging.FileHandler(logfile) if logfile else logging.StreamHandler(sys.stderr)
     )

@@ -25,7 +25,7 @@ R = TypeVar("R")
 class AsyncResult(Generic[R]):
     """The result of a task sent to a worker, read from the result backend."""
 
-    def __init__(self, id: str, *, app: Taskframe | None = None,  # noqa: A002 - Celery's name
+    def __init__(self, id: str, *, app: Taskframe | None = None,
                  backend: Backend | None = None, task_name: str | None = None) -> None:
         self.id = id
         self.task_name = task_name
@@ -74,16 +74,17 @@ class AsyncResult(Generic[R]):
             )
         if self._meta is None:
             self._meta = self.backend.wait_for(self.id, timeout=timeout, interval=interval)
-        return self._value(self._meta, propagate)
+        value: R = self._value(self._meta, propagate)
+        return value
 
     wait = get
 
     @staticmethod
     def _value(meta: ResultMeta, propagate: bool) -> Any:
         value = decode_result(meta)
-        if propagate and meta.get("status") in states.PROPAGATE_STATES:
-            if isinstance(value, BaseException):
-                raise value
+        if (propagate and meta.get("status") in states.PROPAGATE_STATES
+                and isinstance(value, BaseException)):
+            raise value
         return value
 
     @property
@@ -149,7 +150,7 @@ class AsyncResult(Generic[R]):
 class EagerResult(AsyncResult[R]):
     """The result of a task run in this process (``apply()`` or ``task_always_eager``)."""
 
-    def __init__(self, id: str, retval: Any, state: str,  # noqa: A002 - Celery's name
+    def __init__(self, id: str, retval: Any, state: str,
                  traceback: str | None = None, *, task_name: str | None = None) -> None:
         super().__init__(id, task_name=task_name)
         self._retval = retval
@@ -159,9 +160,9 @@ class EagerResult(AsyncResult[R]):
     def get(self, timeout: float | None = None, propagate: bool = True, interval: float = 0.5,
             disable_sync_subtasks: bool = True) -> R:
         """The value, or raise the exception (with ``propagate``)."""
-        if propagate and self._state in states.PROPAGATE_STATES:
-            if isinstance(self._retval, BaseException):
-                raise self._retval
+        if (propagate and self._state in states.PROPAGATE_STATES
+                and isinstance(self._retval, BaseException)):
+            raise self._retval
         return self._retval  # type: ignore[no-any-return]
 
     wait = get

@@ -100,7 +100,8 @@ class Signal:
 def _sender_matches(wanted: Any, sender: Any) -> bool:
     if wanted == sender or wanted is sender:
         return True
-    return getattr(sender, "name", None) == wanted or getattr(wanted, "name", None) == sender
+    return bool(getattr(sender, "name", None) == wanted
+                or getattr(wanted, "name", None) == sender)
 
 
 before_task_publish = Signal("before_task_publish", propagate_errors=True)

@@ -67,7 +67,7 @@ class Task(Generic[P, R]):
     routing_key: str | None = None
     expires: float | datetime | None = None
     autoretry_for: tuple[type[BaseException], ...] = ()
-    retry_kwargs: dict[str, Any] = {}  # noqa: RUF012 - read-only default
+    retry_kwargs: dict[str, Any] = {}
     retry_backoff: bool | float = False
     retry_backoff_max: float = 600.0
     retry_jitter: bool = True
@@ -264,7 +264,7 @@ class Task(Generic[P, R]):
         sig["immutable"] = True
         return sig
 
-    def AsyncResult(self, task_id: str) -> AsyncResult[R]:  # noqa: N802 - Celery's name
+    def AsyncResult(self, task_id: str) -> AsyncResult[R]:
         """A result handle for ``task_id`` of this task."""
         from taskframe.result import AsyncResult
 

@@ -226,12 +226,12 @@ def test_redelivery_after_visibility_timeout(
 def test_maintain_keeps_the_claim(broker: Broker, qname: str) -> None:
     if not broker.expires_claims:
         pytest.skip("the memory transport's claims never expire")
-    visibility = 2.0
+    visibility = 1.5
     holder = consumer(broker, Queue(qname), visibility_timeout=visibility)
     holder.publish(envelope(1), exchange="", routing_key=qname)
     [held] = poll_until(holder, 1)
     other = consumer(broker, Queue(qname), visibility_timeout=visibility)
-    watch_until = time.monotonic() + 2.5 * visibility
+    watch_until = time.monotonic() + 2 * visibility
     while time.monotonic() < watch_until:
         holder.maintain()
         assert other.poll(timeout=0.1) == []

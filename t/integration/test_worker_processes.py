@@ -15,8 +15,8 @@ from typing import Any
 
 import pytest
 import sqlalchemy as sa
-
 from services import postgres_url
+
 from taskframe import Taskframe
 
 PROJ_DIR = Path(__file__).parent / "workerproj"

@@ -210,3 +210,40 @@ def test_signature_basics(app: Taskframe) -> None:
     assert add.si(1, 1).immutable
     assert sig.clone((3,)).args == [2, 3]
     assert sig.delay(5).get() == 7
+
+
+def test_log_lines_of_a_task_carry_its_name_and_id(app: Taskframe) -> None:
+    import io
+    import logging
+
+    from taskframe.log import TaskFormatter, get_task_logger
+
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(TaskFormatter("%(levelname)s %(message)s",
+                                       "%(levelname)s %(task_name)s[%(task_id)s] %(message)s"))
+    user_logger = logging.getLogger("user.module.logtest")
+    user_logger.addHandler(handler)
+    user_logger.setLevel(logging.INFO)
+    task_logger = get_task_logger("logtest")
+    task_logger.addHandler(handler)
+    task_logger.setLevel(logging.INFO)
+
+    @app.task
+    def chatty() -> None:
+        user_logger.info("from user code")
+        task_logger.info("from the task logger")
+
+    try:
+        result = chatty.apply(task_id="abc-123")
+        user_logger.info("outside")
+    finally:
+        user_logger.removeHandler(handler)
+        task_logger.removeHandler(handler)
+    assert result.successful()
+    lines = stream.getvalue().splitlines()
+    assert lines == [
+        f"INFO {chatty.name}[abc-123] from user code",
+        f"INFO {chatty.name}[abc-123] from the task logger",
+        "INFO outside",
+    ]

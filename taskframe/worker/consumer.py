@@ -14,6 +14,7 @@ thread-safe queue that the loop drains (py-amqp channels are not thread-safe).
 from __future__ import annotations
 
 import collections
+import contextlib
 import heapq
 import itertools
 import logging
@@ -304,10 +305,8 @@ class Consumer:
         self.held -= len(self.timers) + len(self.reserved)
         self.timers.clear()
         self.reserved.clear()
-        try:
+        with contextlib.suppress(TransportError):
             self.connection.close()
-        except TransportError:
-            pass
         self.connection.ensure_connection(
             max_retries=self.app.conf.broker_connection_max_retries,
             on_error=lambda err, wait: logger.warning(

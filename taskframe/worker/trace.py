@@ -159,7 +159,7 @@ def _on_failure(task: Task[Any, Any], ctx: Context, exc: Exception, backend: Any
 
 def _dispatch_callbacks(task: Task[Any, Any], ctx: Context, retval: Any) -> None:
     app = task.app
-    family = {"parent_id": ctx.id, "root_id": ctx.root_id or ctx.id}
+    family: dict[str, Any] = {"parent_id": ctx.id, "root_id": ctx.root_id or ctx.id}
     for sig in ctx.callbacks or ():
         Signature(sig, app=app).apply_async((retval,), **family)
     if ctx.chain:
