@@ -14,7 +14,6 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from taskframe.backends.base import Backend, BackendOptions
-
 from taskframe.errors import ImproperlyConfigured
 
 __all__ = ["Backend", "BackendOptions", "create_backend", "scheme_of"]

@@ -10,9 +10,8 @@ from __future__ import annotations
 from collections.abc import Collection
 from typing import Any
 
-from taskframe.transport import serialization
-
 from taskframe.errors import ImproperlyConfigured
+from taskframe.transport import serialization
 
 __all__ = ["COMPRESSED_MAGIC", "ResultCodec"]
 

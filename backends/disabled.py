@@ -14,7 +14,6 @@ from __future__ import annotations
 from typing import Any, NoReturn
 
 from taskframe.backends.base import Backend, BackendOptions
-
 from taskframe.errors import BackendNotConfigured, TaskRevokedError
 from taskframe.protocol import states
 from taskframe.protocol.results import ResultContext, ResultMeta, make_meta

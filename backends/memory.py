@@ -20,7 +20,6 @@ from datetime import UTC, datetime, timedelta
 from typing import Any, ClassVar
 
 from taskframe.backends.base import Backend, BackendOptions
-
 from taskframe.errors import TimeoutError as ResultTimeout
 from taskframe.protocol import states
 from taskframe.protocol.results import ResultContext, ResultMeta, make_meta

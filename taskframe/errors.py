@@ -102,7 +102,7 @@ class ResultError(TaskframeError):
     """Raised for failures of the results API."""
 
 
-class TimeoutError(ResultError):  # noqa: A001 - Celery's name, kept for migration
+class TimeoutError(ResultError):
     """Raised when a result is not ready within the given timeout."""
 
 

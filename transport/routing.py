@@ -47,7 +47,12 @@ def check_exchange_type(exchange_type: str) -> None:
 @lru_cache(maxsize=4096)
 def topic_matches(pattern: str, routing_key: str) -> bool:
     """True when the topic binding ``pattern`` matches ``routing_key``."""
-    return _match(tuple(pattern.split(".")), tuple(routing_key.split(".")))
+    return _match(_words(pattern), _words(routing_key))
+
+
+def _words(key: str) -> tuple[str, ...]:
+    # As in RabbitMQ, the empty key has no words (so "#" matches it and "*" does not).
+    return tuple(key.split(".")) if key else ()
 
 
 def _match(pattern: tuple[str, ...], words: tuple[str, ...]) -> bool:

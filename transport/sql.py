@@ -16,7 +16,9 @@ Features:
       worker's consumer loop does so. ``close()`` releases claims at once.
     * ``ack`` deletes the row only if it still carries this transport's claim
       token (a warning is logged when the claim was lost, as the message may
-      then run twice).
+      then run twice). On PostgreSQL acks commit with ``synchronous_commit
+      off``: a server crash can lose an ack (the message comes back), never a
+      message. Deadlocks are retried.
     * Delayed messages (``supports_delay``): ``due_at`` in the future.
     * Priorities (higher first, then ``due_at``, then publish order), exchanges
       (direct, topic, fanout) through a bindings table; ``exchange=""`` delivers
@@ -42,16 +44,17 @@ Clocks: due times and claims use each host's wall clock; keep hosts in sync (NTP
 from __future__ import annotations
 
 import logging
+import random
 import time
 import uuid
-from collections.abc import Mapping, Sequence
-from typing import Any, ClassVar
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, ClassVar, TypeVar
 
 import sqlalchemy as sa
 
 from .base import Envelope, Message, Transport
 from .entities import Exchange, Queue
-from .errors import BrokerConnectionError
+from .errors import BrokerConnectionError, TransportError
 from .routing import Binding, check_exchange_type, route
 from .serialization import json_dumps, json_loads
 from .sql_schema import (
@@ -65,6 +68,7 @@ from .sql_schema import (
     Tables,
     build_engine,
     create_tables,
+    is_transient,
     sqlalchemy_url,
     translate_errors,
 )
@@ -76,6 +80,10 @@ logger = logging.getLogger(__name__)
 # While the prefetch bound is reached, poll() waits this long at most so the
 # caller's loop can settle messages instead of blocking for its whole timeout.
 _FULL_WAIT = 0.05
+# Deadlocks and serialization failures (InnoDB, PostgreSQL) are retried this often.
+_TRANSIENT_RETRIES = 5
+
+T = TypeVar("T")
 
 
 class SQLTransport(Transport):
@@ -99,6 +107,7 @@ class SQLTransport(Transport):
         # Our claim token: rows we hold carry it, so ack/maintain/close touch only ours.
         self.token = uuid.uuid4().hex
         self._engine: sa.Engine | None = None
+        self._postgres = False
         self._listener: PgListener | None = None
         self._consumed: dict[str, Queue] = {}
         self._prefetch = 0
@@ -126,49 +135,65 @@ class SQLTransport(Transport):
             engine.dispose()
             raise
         self._engine = engine
+        self._postgres = engine.dialect.name == "postgresql"
 
     def close(self) -> None:
-        engine, self._engine = self._engine, None
-        if engine is None:
+        if self._engine is None:
             return
         if self._listener is not None:
             self._listener.close()
             self._listener = None
         if self._held:
-            messages = self._tables.messages
             try:
-                with translate_errors("releasing claims"), engine.begin() as conn:
-                    conn.execute(
-                        sa.update(messages)
-                        .where(messages.c.claim == self.token)
-                        .values(claim=None, claimed_until=None)
-                    )
-                    self._notify(conn, engine)
+                self._run("releasing claims", self._release_all)
             except BrokerConnectionError as exc:
                 # They come back anyway once the visibility timeout passes.
                 logger.warning("%r: could not release held messages: %s", self, exc)
             self._held.clear()
+        engine, self._engine = self._engine, None
         engine.dispose()
+
+    def _release_all(self, conn: sa.Connection) -> None:
+        messages = self._tables.messages
+        conn.execute(
+            sa.update(messages)
+            .where(messages.c.claim == self.token)
+            .values(claim=None, claimed_until=None)
+        )
+        self._notify(conn)
 
     @property
     def connected(self) -> bool:
         return self._engine is not None
 
-    def _require(self) -> sa.Engine:
+    def _run(self, action: str, work: Callable[[sa.Connection], T]) -> T:
+        """Run ``work`` in one transaction, retrying deadlocks; translate errors."""
         if self._engine is None:
             raise BrokerConnectionError(f"{self!r} is not connected")
-        return self._engine
+        engine = self._engine
+        with translate_errors(action):
+            for attempt in range(1, _TRANSIENT_RETRIES + 1):
+                try:
+                    with engine.begin() as conn:
+                        return work(conn)
+                except sa.exc.DBAPIError as exc:
+                    if attempt == _TRANSIENT_RETRIES or not is_transient(exc):
+                        raise
+                    logger.debug("%r: %s: retrying after %s", self, action, exc.orig)
+                    time.sleep(random.uniform(0.0, 0.01 * attempt))
+        raise AssertionError("unreachable")  # pragma: no cover - the loop returns or raises
 
-    def _notify(self, conn: sa.Connection, engine: sa.Engine) -> None:
+    def _notify(self, conn: sa.Connection) -> None:
         # Delivered at commit, so a woken consumer finds the rows.
-        if engine.dialect.name == "postgresql":
+        if self._postgres:
             conn.execute(sa.select(sa.func.pg_notify(self._tables.channel, "")))
 
     # -- topology -------------------------------------------------------------------------
 
     def declare(self, queue: Queue) -> None:
-        engine = self._require()
         exchange = queue.bound_exchange
+        if self._engine is None:
+            raise BrokerConnectionError(f"{self!r} is not connected")
         if not exchange.name:
             return  # queues are implicit: a row names its queue
         check_exchange_type(exchange.type)
@@ -180,15 +205,18 @@ class SQLTransport(Transport):
             "queue": queue.name,
         }
         match = sa.and_(*(bindings.c[key] == value for key, value in row.items()))
-        with translate_errors(f"declaring {queue.name!r}"):
-            with engine.begin() as conn:
-                if conn.execute(sa.select(sa.literal(1)).where(match)).first() is not None:
-                    return
-            try:
-                with engine.begin() as conn:
-                    conn.execute(sa.insert(bindings).values(**row))
-            except sa.exc.IntegrityError:
-                pass  # another process declared it between our check and insert
+
+        def bind(conn: sa.Connection) -> None:
+            if conn.execute(sa.select(sa.literal(1)).where(match)).first() is None:
+                conn.execute(sa.insert(bindings).values(**row))
+
+        try:
+            self._run(f"declaring {queue.name!r}", bind)
+        except TransportError as exc:
+            # Another process may have inserted the same binding between our check
+            # and our insert: fine if it is there now.
+            if not isinstance(exc.__cause__, sa.exc.IntegrityError):
+                raise
 
     def declare_exchange(self, exchange: Exchange) -> None:
         if exchange.name:
@@ -204,7 +232,6 @@ class SQLTransport(Transport):
         routing_key: str,
         delay: float | None = None,
     ) -> None:
-        engine = self._require()
         now = time.time()
         row = {
             "priority": int(envelope.properties.get("priority") or 0),
@@ -220,13 +247,16 @@ class SQLTransport(Transport):
             "created_at": now,
         }
         where = f"{exchange!r}/{routing_key!r}"
-        with translate_errors(f"publishing to {where}"), engine.begin() as conn:
+
+        def insert(conn: sa.Connection) -> None:
             targets = self._route(conn, exchange, routing_key)
             if not targets:
                 logger.warning("%r: no queue bound for %s; message dropped", self, where)
                 return
             conn.execute(sa.insert(self._tables.messages), [{**row, "queue": q} for q in targets])
-            self._notify(conn, engine)
+            self._notify(conn)
+
+        self._run(f"publishing to {where}", insert)
 
     def _route(self, conn: sa.Connection, exchange: str, routing_key: str) -> list[str]:
         if not exchange:
@@ -255,7 +285,8 @@ class SQLTransport(Transport):
         self._prefetch = prefetch_count
 
     def poll(self, timeout: float | None = None) -> list[Message]:
-        engine = self._require()
+        if self._engine is None:
+            raise BrokerConnectionError(f"{self!r} is not connected")
         deadline = None if timeout is None else time.monotonic() + timeout
         with translate_errors("polling"):
             while True:
@@ -263,7 +294,7 @@ class SQLTransport(Transport):
                 if room > 0 and self._consumed:
                     if self._listener is not None:
                         self._listener.drain()
-                    messages = self._claim(engine, room)
+                    messages = self._claim(room)
                     if messages:
                         self._interval = self._interval_min
                         return messages
@@ -273,14 +304,14 @@ class SQLTransport(Transport):
                 if room <= 0 or not self._consumed:
                     time.sleep(_FULL_WAIT if remaining is None else min(remaining, _FULL_WAIT))
                     return []
-                self._wait(engine, remaining)
+                self._wait(remaining)
 
-    def _wait(self, engine: sa.Engine, remaining: float | None) -> None:
+    def _wait(self, remaining: float | None) -> None:
         """Sleep until something may be claimable, at most ``remaining`` seconds."""
         limit = LISTEN_WAIT_MAX if self._listener is not None else self._interval
         if remaining is not None:
             limit = min(limit, remaining)
-        next_due = self._next_due(engine)
+        next_due = self._run("looking for delayed messages", self._next_due)
         if next_due is not None:
             limit = max(0.0, min(limit, next_due - time.time()))
         if self._listener is not None:
@@ -298,7 +329,7 @@ class SQLTransport(Transport):
             sa.or_(messages.c.claim.is_(None), messages.c.claimed_until < now),
         )
 
-    def _claim(self, engine: sa.Engine, limit: int) -> list[Message]:
+    def _claim(self, limit: int) -> list[Message]:
         messages = self._tables.messages
         now = time.time()
         pick = (
@@ -314,20 +345,24 @@ class SQLTransport(Transport):
             "delivery_count": messages.c.delivery_count + 1,
         }
         columns = [c for c in messages.c if c.name not in ("claim", "claimed_until")]
-        with engine.begin() as conn:
-            if engine.dialect.update_returning:
-                claim = sa.update(messages).where(messages.c.id.in_(pick)).values(**values)
-                rows = list(conn.execute(claim.returning(*columns)))
-            else:
-                locked = pick.with_only_columns(*columns)
-                rows = list(conn.execute(locked))
-                if rows:
-                    ids = [row.id for row in rows]
-                    conn.execute(sa.update(messages).where(messages.c.id.in_(ids)).values(**values))
+        assert self._engine is not None
+        returning = self._engine.dialect.update_returning
+
+        def claim(conn: sa.Connection) -> list[sa.Row[Any]]:
+            if returning:
+                update = sa.update(messages).where(messages.c.id.in_(pick)).values(**values)
+                return list(conn.execute(update.returning(*columns)))
+            # No UPDATE ... RETURNING: lock the rows, then mark them, in one transaction.
+            rows = list(conn.execute(pick.with_only_columns(*columns)))
+            if rows:
+                ids = [row.id for row in rows]
+                conn.execute(sa.update(messages).where(messages.c.id.in_(ids)).values(**values))
+            return rows
+
+        rows = self._run("claiming messages", claim)
         # RETURNING gives no order; restore the queue order.
         rows.sort(key=lambda row: (-row.priority, row.due_at, row.id))
-        counted = engine.dialect.update_returning
-        return [self._to_message(row, 0 if counted else 1) for row in rows]
+        return [self._to_message(row, 0 if returning else 1) for row in rows]
 
     def _to_message(self, row: sa.Row[Any], extra_deliveries: int) -> Message:
         self._held.add(row.id)
@@ -349,16 +384,14 @@ class SQLTransport(Transport):
             },
         )
 
-    def _next_due(self, engine: sa.Engine) -> float | None:
+    def _next_due(self, conn: sa.Connection) -> float | None:
         messages = self._tables.messages
-        now = time.time()
         query = sa.select(sa.func.min(messages.c.due_at)).where(
             messages.c.queue.in_(list(self._consumed)),
-            messages.c.due_at > now,
+            messages.c.due_at > time.time(),
             messages.c.claim.is_(None),
         )
-        with engine.begin() as conn:
-            due = conn.execute(query).scalar()
+        due = conn.execute(query).scalar()
         return None if due is None else float(due)
 
     def ack(self, message: Message) -> None:
@@ -368,20 +401,23 @@ class SQLTransport(Transport):
         self._settle(message, delete=not requeue, action="requeue" if requeue else "reject")
 
     def _settle(self, message: Message, *, delete: bool, action: str) -> None:
-        engine = self._require()
         messages = self._tables.messages
         ours = sa.and_(messages.c.id == message.delivery_tag, messages.c.claim == self.token)
-        what = f"{action} of message {message.delivery_tag}"
-        with translate_errors(what), engine.begin() as conn:
+
+        def settle(conn: sa.Connection) -> int:
             if delete:
-                result = conn.execute(sa.delete(messages).where(ours))
-            else:
-                result = conn.execute(
-                    sa.update(messages).where(ours).values(claim=None, claimed_until=None)
-                )
-                self._notify(conn, engine)
+                if self._postgres:
+                    # Losing this commit in a server crash only means a redelivery.
+                    conn.execute(sa.text("SET LOCAL synchronous_commit = off"))
+                return int(conn.execute(sa.delete(messages).where(ours)).rowcount)
+            update = sa.update(messages).where(ours).values(claim=None, claimed_until=None)
+            count = int(conn.execute(update).rowcount)
+            self._notify(conn)
+            return count
+
+        count = self._run(f"{action} of message {message.delivery_tag}", settle)
         self._held.discard(message.delivery_tag)
-        if result.rowcount == 0:
+        if count == 0:
             logger.warning(
                 "%r: %s of message %s: its claim was lost (visibility timeout of %.1fs passed "
                 "without maintain()?); another consumer may run it again",
@@ -394,37 +430,33 @@ class SQLTransport(Transport):
         Calls closer together than a tenth of the visibility timeout are skipped:
         the claims are still fresh.
         """
-        engine = self._require()
         now = time.time()
         if not self._held or now - self._refreshed_at < self.visibility_timeout / 10:
             return
         messages = self._tables.messages
-        with translate_errors("refreshing claims"), engine.begin() as conn:
-            result = conn.execute(
-                sa.update(messages)
-                .where(messages.c.claim == self.token)
-                .values(claimed_until=now + self.visibility_timeout)
-            )
+        refresh = (
+            sa.update(messages)
+            .where(messages.c.claim == self.token)
+            .values(claimed_until=now + self.visibility_timeout)
+        )
+        count = self._run("refreshing claims", lambda conn: int(conn.execute(refresh).rowcount))
         self._refreshed_at = now
-        if result.rowcount < len(self._held):
+        if count < len(self._held):
             logger.warning(
                 "%r: %d held message(s) lost their claim; another consumer may run them",
-                self, len(self._held) - result.rowcount,
+                self, len(self._held) - count,
             )
 
     # -- administration ---------------------------------------------------------------------
 
     def purge(self, queue_name: str) -> int:
-        engine = self._require()
-        messages = self._tables.messages
         ready = self._claimable([queue_name], time.time())
-        with translate_errors(f"purging {queue_name!r}"), engine.begin() as conn:
-            return int(conn.execute(sa.delete(messages).where(ready)).rowcount)
+        purge = sa.delete(self._tables.messages).where(ready)
+        return self._run(f"purging {queue_name!r}", lambda conn: int(conn.execute(purge).rowcount))
 
     def queue_size(self, queue_name: str) -> int:
-        engine = self._require()
-        messages = self._tables.messages
-        query = sa.select(sa.func.count()).select_from(messages)
+        query = sa.select(sa.func.count()).select_from(self._tables.messages)
         query = query.where(self._claimable([queue_name], time.time()))
-        with translate_errors(f"counting {queue_name!r}"), engine.begin() as conn:
-            return int(conn.execute(query).scalar() or 0)
+        return self._run(
+            f"counting {queue_name!r}", lambda conn: int(conn.execute(query).scalar() or 0)
+        )

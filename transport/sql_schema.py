@@ -34,6 +34,7 @@ __all__ = [
     "Tables",
     "build_engine",
     "create_tables",
+    "is_transient",
     "sqlalchemy_url",
     "translate_errors",
 ]
@@ -223,6 +224,21 @@ def translate_errors(action: str, *, connecting: bool = False) -> Iterator[None]
         raise lost(f"{action}: {exc}") from exc
 
 
+# Errors that mean "run the transaction again": PostgreSQL deadlock and
+# serialization failure (SQLSTATE), MySQL/MariaDB deadlock and lock wait timeout.
+_TRANSIENT_SQLSTATES = frozenset({"40P01", "40001"})
+_TRANSIENT_MYSQL_CODES = frozenset({1213, 1205})
+
+
+def is_transient(exc: sa_exc.DBAPIError) -> bool:
+    """True when ``exc`` is a deadlock or serialization failure worth retrying."""
+    orig = exc.orig
+    if getattr(orig, "sqlstate", None) in _TRANSIENT_SQLSTATES:
+        return True
+    args: tuple[Any, ...] = getattr(orig, "args", ())
+    return bool(args) and args[0] in _TRANSIENT_MYSQL_CODES
+
+
 def _describe(exc: sa_exc.SQLAlchemyError) -> str:
     orig = getattr(exc, "orig", None)
     return str(orig if orig is not None else exc).strip()
@@ -254,13 +270,19 @@ class PgListener:
 
     def drain(self) -> None:
         """Forget notifications already received (a claim attempt follows)."""
-        for _ in self._conn.notifies(timeout=0):
-            pass
+        with contextlib.closing(self._conn.notifies(timeout=0)) as notes:
+            for _ in notes:
+                pass
 
-    def wait(self, seconds: float) -> None:
-        """Block on the connection's socket until a notification or ``seconds`` pass."""
-        for _ in self._conn.notifies(timeout=max(0.0, seconds), stop_after=1):
-            break
+    def wait(self, seconds: float) -> bool:
+        """Block on the connection's socket until a notification or ``seconds`` pass.
+
+        Returns:
+            True when woken by a notification.
+        """
+        # Close the generator at once: it holds the connection's lock while open.
+        with contextlib.closing(self._conn.notifies(timeout=max(0.0, seconds))) as notes:
+            return next(notes, None) is not None
 
     def close(self) -> None:
         """Close the connection; errors are ignored (it may be dead already)."""

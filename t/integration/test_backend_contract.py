@@ -14,9 +14,9 @@ import backend_procs
 import pytest
 import services
 import sqlalchemy as sa
+
 from taskframe.backends import Backend, BackendOptions, create_backend
 from taskframe.backends.database import DatabaseBackend
-
 from taskframe.errors import ContentDisallowed, TaskRevokedError
 from taskframe.errors import TimeoutError as ResultTimeout
 from taskframe.protocol import ResultContext, decode_result, group_tuple, result_tuple, states
@@ -264,3 +264,23 @@ def test_legacy_pickle_rows_need_pickle_accepted(make_backend: Factory) -> None:
         backend.get_task_meta(task_id)
     trusting = make_backend(accept=("json", "pickle"))
     assert trusting.get_task_meta(task_id)["result"] == {"legacy": 1}
+
+
+@pytest.mark.parametrize("kind", ["postgres"])
+def test_recovers_when_the_server_drops_the_connection(make_backend: Factory) -> None:
+    name = f"tf-contract-{uuid.uuid4().hex[:8]}"
+    # No pre-ping, so the dead pooled connection is really used and must be retried.
+    backend = make_backend(engine_options={"pool_pre_ping": False,
+                                           "connect_args": {"application_name": name}})
+    first, second = tid(), tid()
+    backend.mark_as_done(first, 1)
+    admin = sa.create_engine("postgresql+psycopg://postgres@127.0.0.1:5432/test")
+    with admin.begin() as conn:
+        killed = conn.execute(
+            sa.text("SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+                    "WHERE application_name = :name"), {"name": name}).scalar_one()
+    admin.dispose()
+    assert killed >= 1
+    backend.mark_as_done(second, 2)
+    assert backend.get_task_meta(first)["result"] == 1
+    assert backend.get_task_meta(second)["result"] == 2

@@ -17,7 +17,6 @@ from typing import Any
 import pytest
 import services
 import sqlalchemy as sa
-
 from taskframe.transport import Envelope, Exchange, Message, Queue, Transport
 from taskframe.transport.connection import transport_class
 from taskframe.transport.errors import MessageStateError

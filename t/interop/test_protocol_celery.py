@@ -14,8 +14,6 @@ import celery.exceptions
 import pytest
 from celery.worker.request import Request
 from kombu.message import Message as KombuMessage
-from taskframe.transport import serialization
-from taskframe.transport.base import Message
 
 from taskframe import errors
 from taskframe.protocol import (
@@ -25,6 +23,8 @@ from taskframe.protocol import (
     encode_exception,
     encode_task,
 )
+from taskframe.transport import serialization
+from taskframe.transport.base import Message
 
 pytestmark = pytest.mark.interop
 

@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-from taskframe.transport import Exchange, Queue
-
 from taskframe.config import Settings
 from taskframe.routing import Router
+from taskframe.transport import Exchange, Queue
 
 
 def _router(**settings: object) -> Router:

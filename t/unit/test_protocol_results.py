@@ -8,8 +8,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import taskframe.backends
 
+import taskframe.backends
 import taskframe.protocol
 from taskframe import errors
 from taskframe.protocol import (

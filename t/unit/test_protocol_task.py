@@ -10,11 +10,11 @@ from datetime import UTC, datetime, timedelta, timezone
 from typing import Any
 
 import pytest
-from taskframe.transport import serialization
-from taskframe.transport.base import Message
 
 from taskframe.errors import ContentDisallowed, DecodeError, InvalidTaskError
 from taskframe.protocol import TaskMessage, decode_message, decode_task, encode_task, safe_repr
+from taskframe.transport import serialization
+from taskframe.transport.base import Message
 
 CELERY_HEADERS = {
     "lang", "task", "id", "shadow", "eta", "expires", "group", "group_index", "retries",

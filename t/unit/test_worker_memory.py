@@ -9,11 +9,11 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from taskframe.transport import Envelope
 
 from taskframe import Task, Taskframe
 from taskframe.errors import NotRegistered, TaskRevokedError
 from taskframe.protocol import states
+from taskframe.transport import Envelope
 from taskframe.worker.worker import Worker
 
 
