@@ -61,8 +61,19 @@ def _load_sql() -> type[Transport]:
     return SQLTransport
 
 
+def _load_amqp() -> type[Transport]:
+    try:
+        from .amqp import AMQPTransport
+    except ImportError as exc:
+        raise ImproperlyConfigured(f"the AMQP transport needs py-amqp 5 (amqp): {exc}") from exc
+    return AMQPTransport
+
+
 # Scheme (the whole scheme first, else the part before "+") -> loader.
 _LOADERS: dict[str, Callable[[], type[Transport]]] = {
+    "amqp": _load_amqp,
+    "amqps": _load_amqp,
+    "pyamqp": _load_amqp,
     "memory": _load_memory,
     "sqlite": _load_sql,
     "sqla": _load_sql,

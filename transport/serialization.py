@@ -309,9 +309,10 @@ def loads(
     encoding = (content_encoding or "utf-8").lower()
     codec = _BY_TYPE.get(content_type)
     if codec is not None:
-        raw = data.encode(encoding) if isinstance(data, str) else data
         try:
-            return codec.decode(raw)
+            if isinstance(data, str):
+                data = data.encode("utf-8" if encoding in _BINARY_ENCODINGS else encoding)
+            return codec.decode(data)
         except DecodeError:
             raise
         except Exception as exc:

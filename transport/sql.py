@@ -30,7 +30,9 @@ Features:
 URLs:
     ``sqlite:///relative/file.sqlite3``, ``sqlite:////absolute/file.sqlite3`` and
     ``sqla+<SQLAlchemy URL>``, e.g. ``sqla+postgresql://postgres@127.0.0.1:5432/test``
-    (plain ``postgresql://`` uses the psycopg 3 driver).
+    (plain ``postgresql://`` uses the psycopg 3 driver, plain ``mysql://`` PyMySQL).
+    Whether ``UPDATE ... RETURNING`` is used follows SQLAlchemy's dialect flag,
+    which for SQLite is set from ``sqlite3.sqlite_version`` (3.35 or later).
 
 Options (``transport_options``):
     ``table_prefix`` ("taskframe_"), ``visibility_timeout`` (60.0),
@@ -127,10 +129,6 @@ class SQLTransport(Transport):
         try:
             with translate_errors(f"cannot connect to {self!r}", connecting=True):
                 create_tables(engine, self._tables)
-                if engine.url.drivername == "postgresql+psycopg":
-                    self._listener = PgListener(
-                        engine, self._tables.channel, self._connect_timeout
-                    )
         except BaseException:
             engine.dispose()
             raise
@@ -288,23 +286,37 @@ class SQLTransport(Transport):
         if self._engine is None:
             raise BrokerConnectionError(f"{self!r} is not connected")
         deadline = None if timeout is None else time.monotonic() + timeout
-        with translate_errors("polling"):
-            while True:
-                room = self._max_batch if self._prefetch <= 0 else self._prefetch - len(self._held)
-                if room > 0 and self._consumed:
-                    if self._listener is not None:
-                        self._listener.drain()
-                    messages = self._claim(room)
-                    if messages:
-                        self._interval = self._interval_min
-                        return messages
-                remaining = None if deadline is None else deadline - time.monotonic()
-                if remaining is not None and remaining <= 0:
-                    return []
-                if room <= 0 or not self._consumed:
-                    time.sleep(_FULL_WAIT if remaining is None else min(remaining, _FULL_WAIT))
-                    return []
-                self._wait(remaining)
+        try:
+            with translate_errors("polling"):
+                # Only consumers need the LISTEN connection: open it on the first poll.
+                engine = self._engine
+                if self._listener is None and engine.url.drivername == "postgresql+psycopg":
+                    self._listener = PgListener(engine, self._tables.channel, self._connect_timeout)
+                return self._poll_until(deadline)
+        except BrokerConnectionError:
+            # The LISTEN connection may be what broke: the next poll opens a fresh one.
+            if self._listener is not None:
+                self._listener.close()
+                self._listener = None
+            raise
+
+    def _poll_until(self, deadline: float | None) -> list[Message]:
+        while True:
+            room = self._max_batch if self._prefetch <= 0 else self._prefetch - len(self._held)
+            if room > 0 and self._consumed:
+                if self._listener is not None:
+                    self._listener.drain()
+                messages = self._claim(room)
+                if messages:
+                    self._interval = self._interval_min
+                    return messages
+            remaining = None if deadline is None else deadline - time.monotonic()
+            if remaining is not None and remaining <= 0:
+                return []
+            if room <= 0 or not self._consumed:
+                time.sleep(_FULL_WAIT if remaining is None else min(remaining, _FULL_WAIT))
+                return []
+            self._wait(remaining)
 
     def _wait(self, remaining: float | None) -> None:
         """Sleep until something may be claimable, at most ``remaining`` seconds."""

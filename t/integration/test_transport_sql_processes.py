@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 import services
 import sqlalchemy as sa
+
 from taskframe.transport import Envelope
 from taskframe.transport.connection import transport_class
 from taskframe.transport.sql_schema import sqlalchemy_url

@@ -8,9 +8,9 @@ from pathlib import Path
 import celery
 import pytest
 from celery.app.task import Context
+
 from taskframe.backends import BackendOptions, create_backend
 from taskframe.backends.base import Backend
-
 from taskframe.protocol import ResultContext, decode_result, group_tuple, result_tuple, states
 
 pytestmark = pytest.mark.interop

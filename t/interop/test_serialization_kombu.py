@@ -8,6 +8,7 @@ from decimal import Decimal
 from typing import Any
 
 import pytest
+
 from taskframe.transport import serialization
 from taskframe.transport.errors import ContentDisallowed
 

@@ -10,6 +10,7 @@ import threading
 import uuid
 
 import pytest
+
 from taskframe.transport import Envelope, Exchange, Message, Queue
 from taskframe.transport.errors import BrokerConnectionError, ImproperlyConfigured
 from taskframe.transport.memory import MemoryTransport

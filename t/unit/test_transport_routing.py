@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+
 from taskframe.transport.errors import ImproperlyConfigured
 from taskframe.transport.routing import Binding, check_exchange_type, route, topic_matches
 

@@ -10,6 +10,7 @@ from decimal import Decimal
 from typing import Any
 
 import pytest
+
 from taskframe.transport import Message, serialization
 from taskframe.transport.errors import (
     ContentDisallowed,

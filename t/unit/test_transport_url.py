@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+
 from taskframe.transport.errors import ImproperlyConfigured
 from taskframe.transport.url import parse_url, safe_url, split_failover
 

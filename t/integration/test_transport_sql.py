@@ -1,0 +1,149 @@
+"""What only the SQL transport promises, on real PostgreSQL and SQLite.
+
+LISTEN/NOTIFY wake-ups, translation of a dropped database connection into
+ConnectionLost, recovery through Connection.ensure, and the table layout.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import services
+import sqlalchemy as sa
+
+from taskframe.transport import Connection, Envelope, Producer, Queue
+from taskframe.transport.errors import ConnectionLost
+from taskframe.transport.sql import SQLTransport
+from taskframe.transport.sql_schema import PgListener, sqlalchemy_url
+
+
+@pytest.fixture
+def pg() -> Iterator[tuple[str, str, str]]:
+    """(broker URL tagged with a unique application_name, table prefix, that name)."""
+    app_name = f"tf-{uuid.uuid4().hex[:12]}"
+    prefix = f"tfs_{uuid.uuid4().hex[:10]}_"
+    url = f"sqla+{services.postgres_url()}?application_name={app_name}"
+    yield url, prefix, app_name
+    engine = sa.create_engine(sqlalchemy_url(url))
+    with engine.begin() as conn:
+        for table in ("messages", "bindings"):
+            conn.execute(sa.text(f"DROP TABLE IF EXISTS {prefix}{table}"))
+    engine.dispose()
+
+
+def kill_backends(url: str, app_name: str) -> int:
+    """Terminate every server connection opened with ``app_name`` (as a crash would)."""
+    engine = sa.create_engine(sqlalchemy_url(url.split("?")[0]))
+    with engine.begin() as conn:
+        killed = conn.execute(
+            sa.text(
+                "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+                "WHERE application_name = :name"
+            ),
+            {"name": app_name},
+        ).scalar()
+    engine.dispose()
+    return int(killed or 0)
+
+
+@pytest.mark.postgres
+def test_tables_use_the_prefix(pg: tuple[str, str, str]) -> None:
+    url, prefix, _ = pg
+    transport = SQLTransport(url, {"table_prefix": prefix})
+    transport.connect()
+    transport.close()
+    engine = sa.create_engine(sqlalchemy_url(url))
+    names = set(sa.inspect(engine).get_table_names())
+    indexes = {i["name"] for i in sa.inspect(engine).get_indexes(f"{prefix}messages")}
+    engine.dispose()
+    assert {f"{prefix}messages", f"{prefix}bindings"} <= names
+    assert {f"{prefix}messages_ready_idx", f"{prefix}messages_claim_idx"} <= indexes
+
+
+@pytest.mark.postgres
+def test_publish_notifies_listeners(pg: tuple[str, str, str]) -> None:
+    url, prefix, _ = pg
+    transport = SQLTransport(url, {"table_prefix": prefix})
+    transport.connect()
+    engine = sa.create_engine(sqlalchemy_url(url))
+    listener = PgListener(engine, f"{prefix}messages", connect_timeout=4)
+    try:
+        assert listener.wait(0.1) is False
+        transport.publish(Envelope(b"{}"), exchange="", routing_key="q")
+        assert listener.wait(30) is True
+    finally:
+        listener.close()
+        engine.dispose()
+        transport.close()
+
+
+@pytest.mark.postgres
+def test_dropped_database_connection_is_connection_lost(pg: tuple[str, str, str]) -> None:
+    url, prefix, app_name = pg
+    transport = SQLTransport(url, {"table_prefix": prefix})
+    transport.connect()
+    transport.consume([Queue("q")])
+    assert kill_backends(url, app_name) >= 1
+    with pytest.raises(ConnectionLost):
+        transport.poll(timeout=1)
+    transport.close()
+
+
+@pytest.mark.postgres
+def test_ensure_recovers_a_publish_after_the_connection_dropped(pg: tuple[str, str, str]) -> None:
+    url, prefix, app_name = pg
+    with Connection(url, transport_options={"table_prefix": prefix}) as conn:
+        producer = Producer(conn)
+        producer.publish({"n": 1}, routing_key="q", retry=True)
+        assert kill_backends(url, app_name) >= 1
+        producer.publish({"n": 2}, routing_key="q", retry=True, retry_policy={"max_retries": 3})
+        assert conn.transport.queue_size("q") == 2
+
+
+def test_sqlite_is_shared_by_transports_and_survives_reopening(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'nested' / 'dir' / 'broker.sqlite3'}"
+    first = SQLTransport(url)
+    first.connect()
+    first.publish(Envelope(b"1"), exchange="", routing_key="q", delay=0.2)
+    first.close()
+    second = SQLTransport("sqla+" + url, {"polling_interval": 0.01})
+    second.connect()
+    second.consume([Queue("q")])
+    received = []
+    deadline = time.monotonic() + 15
+    while not received and time.monotonic() < deadline:
+        received = second.poll(timeout=1)
+    assert [m.body for m in received] == [b"1"]
+    received[0].ack()
+    second.close()
+    engine = sa.create_engine(sqlalchemy_url(url))
+    with engine.connect() as conn:
+        assert conn.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
+    engine.dispose()
+
+
+@pytest.mark.postgres
+def test_consumer_recovers_after_connection_lost_without_reconnecting(
+    pg: tuple[str, str, str],
+) -> None:
+    url, prefix, app_name = pg
+    transport = SQLTransport(url, {"table_prefix": prefix})
+    transport.connect()
+    transport.consume([Queue("q")])
+    assert transport.poll(timeout=0.1) == []  # opens the LISTEN connection
+    kill_backends(url, app_name)
+    with pytest.raises(ConnectionLost):
+        transport.poll(timeout=1)
+    # The pool replaces dead connections and the LISTEN connection is reopened.
+    transport.publish(Envelope(b"again"), exchange="", routing_key="q")
+    received = []
+    deadline = time.monotonic() + 15
+    while not received and time.monotonic() < deadline:
+        received = transport.poll(timeout=1)
+    assert [m.body for m in received] == [b"again"]
+    received[0].ack()
+    transport.close()
