@@ -50,3 +50,15 @@ def mysql_url() -> str:
     """MariaDB on loopback (root, empty password, database ``test``)."""
     require_service("MariaDB", "127.0.0.1", 3306)
     return "mysql://root@127.0.0.1:3306/test"
+
+
+def rabbitmq_url() -> str:
+    """RabbitMQ on loopback (guest/guest, vhost ``/``)."""
+    require_service("RabbitMQ", "127.0.0.1", 5672)
+    return "amqp://guest:guest@127.0.0.1:5672//"
+
+
+def redis_url(db: int = 0) -> str:
+    """The shared Redis on loopback; use unique key names (or a key prefix) and clean up."""
+    require_service("Redis", "127.0.0.1", 6379)
+    return f"redis://127.0.0.1:6379/{db}"

@@ -437,9 +437,11 @@ class AMQPTransport(Transport):
             target = self._delayed_target(exchange, routing_key, delay)
             if target is not None:
                 exchange, routing_key = target
-        elif ndd.is_delay_exchange(exchange) and exchange != ndd.DELIVERY_EXCHANGE:
-            # A message taken from the ladder and sent again at once: skip the waiting.
+        elif ndd.is_delay_exchange(exchange):
+            # A message taken from the ladder and sent again at once: straight to the
+            # final hop, with a zero delay (its bindings expect the 28 digits).
             exchange = ndd.DELIVERY_EXCHANGE
+            routing_key = ndd.undelayed_routing_key(routing_key)
         if len(routing_key.encode()) > MAX_SHORTSTR:
             raise PublishError(f"routing key longer than {MAX_SHORTSTR} bytes: {routing_key!r}")
         message = _to_amqp(envelope)
@@ -519,6 +521,7 @@ class AMQPTransport(Transport):
 
     def _on_delivery(self, raw: Any) -> None:
         info = raw.delivery_info
+        routing_key = info.get("routing_key") or ""
         props = dict(raw.properties)
         headers = props.pop("application_headers", None) or {}
         content_type = props.pop("content_type", None) or "application/octet-stream"
@@ -536,7 +539,9 @@ class AMQPTransport(Transport):
             properties=props,
             delivery_info={
                 "exchange": info.get("exchange", ""),
-                "routing_key": info.get("routing_key", ""),
+                # Without the delay prefix: retries route by it, and must not stack it.
+                "routing_key": ndd.strip_delay_prefix(routing_key),
+                "delayed_routing_key": routing_key if ndd.has_delay_prefix(routing_key) else None,
                 "redelivered": bool(info.get("redelivered")),
                 "priority": int(props.get("priority") or 0),
                 "queue": self._tag_queue.get(info.get("consumer_tag", ""), ""),
@@ -642,6 +647,7 @@ class AMQPTransport(Transport):
     def delete_queue(self, queue_name: str) -> None:
         """Delete ``queue_name`` (tests and tools; not part of the transport interface)."""
         self._require()
+        self.cancel(queue_name)
         with self._translate(f"deleting queue {queue_name!r}"):
             self._pub.queue_delete(queue=queue_name)
         self._queues.pop(queue_name, None)

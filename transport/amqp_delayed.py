@@ -42,10 +42,12 @@ __all__ = [
     "MAX_DELAY",
     "delayed_routing_key",
     "destination_bindings",
+    "has_delay_prefix",
     "is_delay_exchange",
     "level_name",
     "level_queue_arguments",
     "strip_delay_prefix",
+    "undelayed_routing_key",
 ]
 
 # -- names and limits (the same as Celery's, so both share one broker) -------------------
@@ -74,6 +76,16 @@ def is_delay_exchange(name: str) -> bool:
 def strip_delay_prefix(routing_key: str) -> str:
     """``routing_key`` without a leading 28-digit delay prefix (retries must not grow it)."""
     return _PREFIX_RE.sub("", routing_key, count=1)
+
+
+def has_delay_prefix(routing_key: str) -> bool:
+    """True when ``routing_key`` starts with the 28 delay digits."""
+    return _PREFIX_RE.match(routing_key) is not None
+
+
+def undelayed_routing_key(routing_key: str) -> str:
+    """The key that takes a message through ``celery_delayed_delivery`` without waiting."""
+    return "0." * LEVELS + strip_delay_prefix(routing_key)
 
 
 def delayed_routing_key(delay: int, routing_key: str) -> str:

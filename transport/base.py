@@ -287,8 +287,20 @@ class Transport(abc.ABC):
     def reject(self, message: Message, *, requeue: bool) -> None:
         """Give a held message back (``requeue``) or drop it. Use ``Message.reject()``."""
 
+    @property
+    def maintain_interval(self) -> float:
+        """How often (seconds) the consumer must call ``maintain()``.
+
+        At most 1 s, and a quarter of the ``visibility_timeout`` option when the
+        transport has one, so claims never lapse while their holder lives.
+        """
+        vt = self.options.get("visibility_timeout")
+        if not vt:
+            return 1.0
+        return max(0.05, min(1.0, float(vt) / 4))
+
     def maintain(self) -> None:  # noqa: B027 - optional hook
-        """Periodic upkeep from the consumer loop, at least every few seconds.
+        """Periodic upkeep from the consumer loop, every ``maintain_interval`` seconds.
 
         AMQP services heartbeats here; Redis and SQL keep the claims of held
         messages fresh and move due delayed messages to their queues.

@@ -69,12 +69,24 @@ def _load_amqp() -> type[Transport]:
     return AMQPTransport
 
 
+def _load_redis() -> type[Transport]:
+    try:
+        from .redis import RedisTransport
+    except ImportError as exc:
+        raise ImproperlyConfigured(f"the Redis transport needs redis-py (redis): {exc}") from exc
+    return RedisTransport
+
+
 # Scheme (the whole scheme first, else the part before "+") -> loader.
 _LOADERS: dict[str, Callable[[], type[Transport]]] = {
     "amqp": _load_amqp,
     "amqps": _load_amqp,
     "pyamqp": _load_amqp,
     "memory": _load_memory,
+    "redis": _load_redis,
+    "rediss": _load_redis,
+    "redis+socket": _load_redis,
+    "sentinel": _load_redis,
     "sqlite": _load_sql,
     "sqla": _load_sql,
 }

@@ -272,13 +272,14 @@ class MemoryTransport(Transport):
                 if deadline is not None and now >= deadline:
                     return []
                 wait = None if deadline is None else deadline - now
-                if room <= 0:
+                idle = room <= 0 or not self._consumed
+                if idle:
                     wait = _FULL_WAIT if wait is None else min(wait, _FULL_WAIT)
                 due = broker.next_due(list(self._consumed))
                 if due is not None:
                     wait = max(0.0, due - now) if wait is None else max(0.0, min(wait, due - now))
                 broker.cond.wait(wait)
-                if room <= 0:
+                if idle:
                     return []
 
     def _room(self, broker: _Broker) -> int:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import base64
 import binascii
 import contextlib
+import json
 import re
 import uuid
 from bisect import bisect
@@ -221,11 +222,11 @@ def decode_envelope(raw: str | bytes) -> Decoded:
 def mark_redelivered(raw: str) -> str:
     """``raw`` with kombu's redelivered flags set (header and delivery_info), or as is."""
     try:
-        data = json_loads(raw)
+        data = json.loads(raw)
         data["headers"]["redelivered"] = True
         data["properties"]["delivery_info"]["redelivered"] = True
-        return json_dumps(data)
-    except (TransportError, KeyError, TypeError):
+        return json.dumps(data)
+    except (ValueError, KeyError, TypeError):
         return raw
 
 
@@ -268,8 +269,7 @@ def build_client(url: str, options: Mapping[str, Any]) -> tuple[redis.Redis, int
             options.get("socket_connect_timeout", options.get("connect_timeout", 4.0))
         ),
         "health_check_interval": float(options.get("health_check_interval", 25.0)),
-        "retry_on_timeout": bool(options.get("retry_on_timeout", False)),
-        # Fail fast: the worker reconnects with its own backoff.
+        # Fail fast (retry_on_timeout: one immediate retry); the worker reconnects with backoff.
         "retry": Retry(NoBackoff(), 1 if options.get("retry_on_timeout") else 0),
         "client_name": options.get("client_name"),
     }
@@ -278,13 +278,15 @@ def build_client(url: str, options: Mapping[str, Any]) -> tuple[redis.Redis, int
         master = options.get("master_name") or parsed.query.get("master_name")
         if not master:
             raise ImproperlyConfigured("sentinel:// URLs need the transport option master_name")
-        sentinel = redis.sentinel.Sentinel(
+        sentinel = redis.sentinel.Sentinel(  # type: ignore[no-untyped-call]
             [(parsed.host or "127.0.0.1", parsed.port or 26379)],
             sentinel_kwargs=dict(options.get("sentinel_kwargs") or {}),
             socket_timeout=common["socket_timeout"],
             socket_connect_timeout=common["socket_connect_timeout"],
         )
-        return sentinel.master_for(str(master), redis_class=redis.Redis, **common), db
+        master_client = sentinel.master_for(  # type: ignore[no-untyped-call]
+            str(master), redis_class=redis.Redis, **common)
+        return master_client, db
     if scheme == "redis+socket":
         path = parsed.path or parsed.host or ""
         return redis.Redis(unix_socket_path=path, **common), db

@@ -52,8 +52,8 @@ for i = 3, #KEYS do
         if type(exchange) ~= 'string' then exchange = '' end
         if type(routing_key) ~= 'string' then routing_key = ARGV[i + 1] end
         redis.call('ZADD', KEYS[2], ARGV[2], tag)
-        redis.call('HSET', KEYS[1], tag,
-            '[' .. raw .. ', ' .. cjson.encode(exchange) .. ', ' .. cjson.encode(routing_key) .. ']')
+        redis.call('HSET', KEYS[1], tag, '[' .. raw .. ', ' .. cjson.encode(exchange)
+            .. ', ' .. cjson.encode(routing_key) .. ']')
         out[#out + 1] = tag
         out[#out + 1] = raw
         out[#out + 1] = i - 2

@@ -170,3 +170,75 @@ def test_warm_shutdown_finishes_running_late_ack_task(app: Taskframe) -> None:
     assert not thread.is_alive()
     assert result.get(timeout=10) == "done"
     assert worker.exit_code == 0
+
+
+def test_soft_shutdown_deadline_asks_running_tasks_to_abort(app: Taskframe) -> None:
+    started = threading.Event()
+    seen: list[str | None] = []
+
+    @app.task(bind=True, acks_late=True)
+    def patient(self: Task[Any, Any]) -> str:
+        started.set()
+        while not self.request.should_abort():
+            threading.Event().wait(0.02)
+        seen.append(self.request.abort_reason)
+        return "aborted cleanly"
+
+    app.conf.worker_soft_shutdown_timeout = 0.2
+    worker, thread = start_worker(app)
+    result = patient.delay()
+    assert started.wait(10)
+    worker.stop()
+    thread.join(20)
+    assert not thread.is_alive()
+    assert seen == ["shutdown"]
+    assert result.get(timeout=10) == "aborted cleanly"
+
+
+def test_error_in_a_hook_does_not_strand_the_message(app: Taskframe, run_worker: Any) -> None:
+    class BadHook(Task[Any, Any]):
+        def on_success(self, retval: Any, task_id: str, args: Any, kwargs: Any) -> None:
+            raise RuntimeError("hook bug")
+
+    @app.task(base=BadHook, acks_late=True)
+    def fine() -> int:
+        return 1
+
+    worker = run_worker()
+    assert fine.delay().get(timeout=10) == 1
+    consumer = worker.consumer
+    assert consumer is not None
+    deadline = threading.Event()
+    for _ in range(100):
+        if consumer.held == 0:
+            break
+        deadline.wait(0.05)
+    assert consumer.held == 0
+
+
+def test_solo_keeps_claims_fresh_while_a_long_task_runs(tmp_path: Any) -> None:
+    """A task longer than the visibility timeout runs once on solo (SQLite broker)."""
+    db = tmp_path / "solo.sqlite3"
+    app = Taskframe("solo", broker=f"sqlite:///{db}", backend=f"db+sqlite:///{db}",
+                    set_as_current=False)
+    app.conf.broker_transport_options = {"visibility_timeout": 1.0}
+    runs: list[int] = []
+
+    @app.task(acks_late=True)
+    def long_task() -> int:
+        runs.append(1)
+        threading.Event().wait(2.5)
+        return len(runs)
+
+    result = long_task.delay()
+    first, t1 = start_worker(app, pool="solo")
+    second, t2 = start_worker(app, pool="solo")
+    try:
+        assert result.get(timeout=30) == 1
+        threading.Event().wait(1.5)  # a stolen copy would start now
+        assert runs == [1]
+    finally:
+        for worker, thread in ((first, t1), (second, t2)):
+            worker.stop()
+            thread.join(15)
+        app.close()

@@ -2,8 +2,9 @@
 
 The consumer loop hands the pool a ``Job`` (a callable that runs one request and
 reports back through the consumer's completion queue). Pools differ only in
-where that callable runs: inline (``solo``), in threads, processes, greenlets
-or coroutines.
+where that callable runs: in one thread (``solo``), several threads, processes,
+greenlets or coroutines. Jobs never run in the consumer's own thread, so the
+consumer keeps servicing the broker while they run.
 """
 
 from __future__ import annotations
@@ -22,11 +23,9 @@ class Pool(abc.ABC):
 
     Class attributes:
         name: the ``-P`` name.
-        blocking_submit: ``submit`` runs the job before returning (solo).
     """
 
     name: ClassVar[str] = ""
-    blocking_submit: ClassVar[bool] = False
 
     def __init__(self, concurrency: int) -> None:
         if concurrency < 1:
@@ -39,7 +38,7 @@ class Pool(abc.ABC):
 
     @abc.abstractmethod
     def submit(self, job: Job) -> None:
-        """Queue ``job`` to run in a free slot (or run it now, for ``solo``)."""
+        """Queue ``job`` to run in a free slot; never runs it in the caller's thread."""
 
     @abc.abstractmethod
     def stop(self, *, wait: bool = True, timeout: float | None = None) -> None:

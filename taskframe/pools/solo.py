@@ -1,37 +1,22 @@
-"""The ``solo`` pool: run each task inline, in the consumer's thread, one at a time."""
+"""The ``solo`` pool: one task at a time.
+
+The task runs in one dedicated thread rather than in the consumer's own thread,
+so that while a long task runs the consumer loop keeps the broker link alive
+(AMQP heartbeats) and keeps its claims fresh (SQL and Redis visibility
+timeouts): a long task on ``solo`` is never handed to a second worker.
+"""
 
 from __future__ import annotations
 
-from taskframe.pools.base import Job, Pool
+from taskframe.pools.threads import ThreadPool
 
 __all__ = ["SoloPool"]
 
 
-class SoloPool(Pool):
-    """Runs a job before ``submit`` returns: concurrency is always 1."""
+class SoloPool(ThreadPool):
+    """A pool of exactly one slot."""
 
     name = "solo"
-    blocking_submit = True
 
     def __init__(self, concurrency: int = 1) -> None:
         super().__init__(1)
-        self._active = 0
-
-    def start(self) -> None:
-        """Nothing to create."""
-
-    def submit(self, job: Job) -> None:
-        """Run ``job`` now."""
-        self._active = 1
-        try:
-            job()
-        finally:
-            self._active = 0
-
-    def stop(self, *, wait: bool = True, timeout: float | None = None) -> None:
-        """Nothing runs outside ``submit``."""
-
-    @property
-    def active(self) -> int:
-        """1 while a job runs."""
-        return self._active

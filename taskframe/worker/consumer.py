@@ -48,7 +48,6 @@ logger = logging.getLogger("taskframe.worker.consumer")
 # Messages due within this many seconds wait in memory; later ones go back to a
 # broker that can delay them, so the worker never sits on far-future ETAs.
 LOCAL_ETA_WINDOW = 2.0
-MAINTAIN_INTERVAL = 1.0
 
 ACK, REJECT, REQUEUE, DONE = "ack", "reject", "requeue", "done"
 
@@ -71,6 +70,7 @@ class Consumer:
         self.held = 0  # messages received and not settled
         self.running = 0  # jobs submitted to the pool and not done
         self.processed = 0
+        self.active: dict[str, Request] = {}  # running now, by task id
         self._seq = itertools.count()
         self._thread = threading.current_thread()
         self._last_maintain = 0.0
@@ -111,10 +111,7 @@ class Consumer:
         self.settle_completions()
         self._start_due_timers()
         self._start_reserved()
-        now = time.monotonic()
-        if now - self._last_maintain >= MAINTAIN_INTERVAL:
-            self._last_maintain = now
-            self.connection.transport.maintain()
+        self._maintain()
         if self.prefetch_count and self.held >= self.prefetch_count:
             self._wait_for_completion(0.2)
             return
@@ -122,6 +119,13 @@ class Consumer:
         for message in self.connection.transport.poll(timeout=timeout):
             self.held += 1
             self.on_message(message)
+
+    def _maintain(self) -> None:
+        transport = self.connection.transport
+        now = time.monotonic()
+        if now - self._last_maintain >= transport.maintain_interval:
+            self._last_maintain = now
+            transport.maintain()
 
     def _wait_for_completion(self, timeout: float) -> None:
         try:
@@ -270,16 +274,39 @@ class Consumer:
     def _run(self, request: Request) -> None:
         """The job: runs in a pool slot."""
         request.started = True
+        self.active[request.id] = request
         if not request.acks_late:
             self.report(request, ACK)
         try:
-            outcome = execute(request.task, request.context, store=self._store_results())
+            try:
+                outcome = execute(request.task, request.context, store=self._store_results())
+            except Exception as exc:
+                outcome = self._internal_error(request, exc)
             if request.acks_late:
                 self.report(request, self._late_action(request, outcome))
             elif outcome.state == states.REJECTED and outcome.requeue:
                 logger.warning("%r asked to requeue but was acked early", request)
         finally:
+            self.active.pop(request.id, None)
             self.report(request, DONE)
+
+    def _internal_error(self, request: Request, exc: Exception) -> Outcome:
+        """The task ran (or not) but taskframe failed around it (e.g. the result store)."""
+        logger.exception("Task %s[%s] raised an internal error: %r", request.name, request.id, exc)
+        if self._store_results():
+            try:
+                self.app.backend.mark_as_failure(request.id, exc)
+            except Exception as store_exc:
+                logger.error("Task %s[%s]: could not store the failure either: %r",
+                             request.name, request.id, store_exc)
+        return Outcome(states.FAILURE, exc)
+
+    def abort_running(self, reason: str) -> int:
+        """Ask every running task to stop (``request.should_abort()``); return how many."""
+        running = list(self.active.values())
+        for request in running:
+            request.context.request_abort(reason)
+        return len(running)
 
     def _store_results(self) -> bool:
         return self.app.result_backend_url is not None
@@ -330,13 +357,10 @@ class Consumer:
             if cold.is_set() or (deadline is not None and time.monotonic() >= deadline):
                 return False
             self._wait_for_completion(0.1)
-            now = time.monotonic()
-            if now - self._last_maintain >= MAINTAIN_INTERVAL:
-                self._last_maintain = now
-                try:
-                    self.connection.transport.maintain()
-                except TransportError as exc:
-                    logger.warning("maintain failed during shutdown: %s", exc)
+            try:
+                self._maintain()
+            except TransportError as exc:
+                logger.warning("maintain failed during shutdown: %s", exc)
         self.settle_completions()
         return True
 

@@ -116,7 +116,7 @@ def _on_success(task: Task[Any, Any], ctx: Context, retval: Any, backend: Any) -
     task_id = str(ctx.id)
     if backend is not None and _store_enabled(task, ctx):
         backend.mark_as_done(task_id, retval, context=_result_context(task, ctx))
-    task.on_success(retval, task_id, ctx.args, ctx.kwargs)
+    _hook(task, "on_success", retval, task_id, ctx.args, ctx.kwargs)
     signals.task_success.send(sender=task, result=retval)
     if not ctx.is_eager:
         _dispatch_callbacks(task, ctx, retval)
@@ -130,7 +130,7 @@ def _on_retry(task: Task[Any, Any], ctx: Context, retry: Retry, backend: Any) ->
     if backend is not None and not ctx.ignore_result:
         backend.mark_as_retry(task_id, cause, traceback=einfo,
                               context=_result_context(task, ctx))
-    task.on_retry(cause, task_id, ctx.args, ctx.kwargs, einfo)
+    _hook(task, "on_retry", cause, task_id, ctx.args, ctx.kwargs, einfo)
     signals.task_retry.send(sender=task, request=ctx, reason=retry, einfo=einfo)
     logger.info("Task %s[%s] retry: %s", task.name, task_id, retry)
     return Outcome(states.RETRY, retry, einfo)
@@ -146,15 +146,20 @@ def _on_failure(task: Task[Any, Any], ctx: Context, exc: Exception, backend: Any
         logger.info("Task %s[%s] raised expected: %r", task.name, task_id, exc)
     else:
         logger.error("Task %s[%s] raised unexpected: %r\n%s", task.name, task_id, exc, einfo)
-    try:
-        task.on_failure(exc, task_id, ctx.args, ctx.kwargs, einfo)
-    except Exception:
-        logger.exception("on_failure of %s raised", task.name)
+    _hook(task, "on_failure", exc, task_id, ctx.args, ctx.kwargs, einfo)
     signals.task_failure.send(sender=task, task_id=task_id, exception=exc, args=ctx.args,
                               kwargs=ctx.kwargs, traceback=einfo, einfo=einfo)
     if not ctx.is_eager:
         _dispatch_errbacks(task, ctx, exc, einfo)
     return Outcome(states.FAILURE, exc, einfo)
+
+
+def _hook(task: Task[Any, Any], name: str, *args: Any) -> None:
+    """Call a user hook; its error is logged and does not change the task's outcome."""
+    try:
+        getattr(task, name)(*args)
+    except Exception:
+        logger.exception("%s of %s raised", name, task.name)
 
 
 def _dispatch_callbacks(task: Task[Any, Any], ctx: Context, retval: Any) -> None:

@@ -6,7 +6,10 @@
   ``worker_ready`` -> the receive loop.
 
 ``stop`` (first SIGTERM/SIGINT, warm): stop taking messages, give back the
-reserved ones, let running tasks finish and settle them, close.
+reserved ones, let running tasks finish and settle them, close. With
+``worker_soft_shutdown_timeout``, tasks still running at the deadline are asked
+to abort (``request.should_abort()`` turns true, ``abort_reason == "shutdown"``)
+and get a few more seconds.
 A second signal (cold): give back everything not settled and exit at once.
 Nothing that did not run is ever acked.
 """
@@ -40,6 +43,9 @@ logger = logging.getLogger("taskframe.worker")
 EX_OK = 0
 EX_COLD_SHUTDOWN = 1
 EX_UNAVAILABLE = 69
+
+# Seconds tasks asked to abort (soft shutdown deadline) get before the cold shutdown.
+ABORT_GRACE = 5.0
 
 
 def expand_hostname(template: str | None) -> str:
@@ -173,7 +179,15 @@ class Worker:
                 logger.info("gave back %d reserved message(s) to the broker", given_back)
             timeout = float(self.app.conf.worker_soft_shutdown_timeout or 0) or None
             deadline = None if timeout is None else time.monotonic() + timeout
-            if not consumer.wait_for_running(deadline, self._cold):
+            finished = consumer.wait_for_running(deadline, self._cold)
+            if not finished:
+                # Ask running tasks to stop (request.should_abort()), give them a moment.
+                asked = consumer.abort_running("shutdown")
+                logger.warning("asked %d running task(s) to abort", asked)
+                if not self._cold.is_set():
+                    finished = consumer.wait_for_running(
+                        time.monotonic() + ABORT_GRACE, self._cold)
+            if not finished:
                 self.exit_code = EX_COLD_SHUTDOWN
                 logger.warning("cold shutdown: %d running task(s) not finished; their "
                                "unacked messages go back to the broker", consumer.running)

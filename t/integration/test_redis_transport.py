@@ -1,0 +1,431 @@
+"""The Redis transport against a real Redis: kombu's layout, reliable delivery, delays, fanout.
+
+Every test uses its own ``global_keyprefix`` on the shared server (so ``unacked`` and the
+other shared keys are private to the test) and deletes its keys afterwards. Tests that stop
+Redis start their own ``redis-server`` (``redisproj/redisserver.py``).
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+import services
+
+from taskframe.transport import Envelope, Exchange, Message, Queue
+from taskframe.transport.errors import BrokerConnectionError, ConnectionLost
+from taskframe.transport.redis import RedisTransport
+
+sys.path.insert(0, str(Path(__file__).parent / "redisproj"))
+from redisserver import RedisServer  # noqa: E402
+
+PATIENCE = 20.0  # generous guard so a broken transport fails instead of hanging
+SEP = "\x06\x16"
+
+
+@dataclass
+class Broker:
+    url: str
+    prefix: str
+    raw: redis.Redis
+    made: list[RedisTransport] = field(default_factory=list)
+
+    def make(self, **options: Any) -> RedisTransport:
+        transport = RedisTransport(self.url, {"global_keyprefix": self.prefix, **options})
+        transport.connect()
+        self.made.append(transport)
+        return transport
+
+    def keys(self) -> set[str]:
+        return {k.decode() for k in self.raw.scan_iter(match=f"{self.prefix}*")}
+
+
+@pytest.fixture
+def broker() -> Iterator[Broker]:
+    url = services.redis_url()
+    raw = redis.Redis.from_url(url)
+    b = Broker(url, f"tfr{uuid.uuid4().hex[:8]}.", raw)
+    yield b
+    for transport in b.made:
+        transport.close()
+    keys = list(raw.scan_iter(match=f"{b.prefix}*"))
+    if keys:
+        raw.delete(*keys)
+    raw.close()
+
+
+def qname() -> str:
+    return f"q-{uuid.uuid4().hex[:8]}"
+
+
+def envelope(n: int, **properties: Any) -> Envelope:
+    return Envelope(body=json.dumps([n]).encode(), headers={"n": n}, properties=properties)
+
+
+def receive(transport: RedisTransport, count: int) -> list[Message]:
+    got: list[Message] = []
+    deadline = time.monotonic() + PATIENCE
+    while len(got) < count:
+        assert time.monotonic() < deadline, f"received {len(got)} of {count}"
+        got += transport.poll(0.2)
+    return got
+
+
+def until(predicate: Callable[[], bool], what: str, step: Callable[[], Any] = lambda: None) -> None:
+    deadline = time.monotonic() + PATIENCE
+    while not predicate():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        step()
+        time.sleep(0.05)
+
+
+def test_publish_poll_ack_in_kombus_envelope(broker: Broker) -> None:
+    q = qname()
+    producer = broker.make()
+    producer.declare(Queue(q))
+    producer.publish(envelope(1, correlation_id="abc", priority=0), exchange="", routing_key=q)
+    stored = json.loads(broker.raw.lindex(broker.prefix + q, 0) or b"")
+    assert list(stored) == ["body", "content-encoding", "content-type", "headers", "properties"]
+    assert base64.b64decode(stored["body"]) == b"[1]"
+    props = stored["properties"]
+    assert props["correlation_id"] == "abc"
+    assert props["delivery_info"] == {"exchange": "", "routing_key": q}
+    assert props["body_encoding"] == "base64"
+    assert uuid.UUID(props["delivery_tag"])
+    assert producer.queue_size(q) == 1
+    # kombu's binding of the queue to its direct exchange, and 5.7's permanent set.
+    member = f"{q}{SEP}{SEP}{q}".encode()
+    assert broker.raw.smembers(f"{broker.prefix}_kombu.binding.{q}") == {member}
+    assert broker.raw.smembers(f"{broker.prefix}_kombu.binding_permanent.{q}") == {member}
+
+    consumer = broker.make()
+    consumer.consume([Queue(q)])
+    [message] = receive(consumer, 1)
+    assert (message.body, message.headers, message.properties["correlation_id"]) == (
+        b"[1]", {"n": 1}, "abc")
+    assert message.delivery_tag == props["delivery_tag"]
+    assert message.delivery_info["queue"] == q
+    # Held: recorded in kombu's unacked hash and index.
+    unacked = json.loads(broker.raw.hget(broker.prefix + "unacked", message.delivery_tag) or b"")
+    assert unacked == [stored, "", q]
+    assert broker.raw.zscore(broker.prefix + "unacked_index", message.delivery_tag) is not None
+    message.ack()
+    assert broker.raw.hlen(broker.prefix + "unacked") == 0
+    assert broker.raw.zcard(broker.prefix + "unacked_index") == 0
+    assert consumer.queue_size(q) == 0
+
+
+def test_reject_with_and_without_requeue(broker: Broker) -> None:
+    q = qname()
+    transport = broker.make()
+    transport.consume([Queue(q)])
+    for n in range(3):
+        transport.publish(envelope(n), exchange="", routing_key=q)
+    first, second, third = receive(transport, 3)
+    assert [first.body, second.body, third.body] == [b"[0]", b"[1]", b"[2]"]
+    transport.publish(envelope(3), exchange="", routing_key=q)
+    first.reject(requeue=False)
+    second.reject(requeue=True)
+    third.ack()
+    again = receive(transport, 2)
+    # A requeued message goes to the back of its queue, flagged as redelivered (as kombu).
+    assert [m.body for m in again] == [b"[3]", b"[1]"]
+    assert again[1].delivery_info["redelivered"] is True
+    assert again[1].headers["redelivered"] is True
+    for m in again:
+        m.ack()
+    assert transport.queue_size(q) == 0
+    assert broker.raw.hlen(broker.prefix + "unacked") == 0
+
+
+def test_prefetch_bounds_held_messages(broker: Broker) -> None:
+    q = qname()
+    transport = broker.make()
+    transport.consume([Queue(q)], prefetch_count=3)
+    for n in range(10):
+        transport.publish(envelope(n), exchange="", routing_key=q)
+    held = receive(transport, 3)
+    assert len(held) == 3
+    assert transport.poll(0.3) == []
+    held[0].ack()
+    [fourth] = receive(transport, 1)
+    assert fourth.body == b"[3]"
+    transport.set_prefetch(0)
+    rest = receive(transport, 6)
+    assert [m.body for m in rest] == [f"[{n}]".encode() for n in range(4, 10)]
+
+
+def test_priorities_use_kombus_lists_lower_first(broker: Broker) -> None:
+    q = qname()
+    transport = broker.make()
+    for n, priority in enumerate([0, 5, 1, 9, 5, 3, 8]):
+        transport.publish(envelope(n, priority=priority), exchange="", routing_key=q)
+    keys = {k for k in broker.keys() if k.startswith(broker.prefix + q)}
+    assert keys == {broker.prefix + q + suffix for suffix in ("", f"{SEP}3", f"{SEP}6", f"{SEP}9")}
+    assert broker.raw.llen(f"{broker.prefix}{q}{SEP}3") == 3  # 5, 5, 3 -> step 3
+    transport.consume([Queue(q)])
+    received = receive(transport, 7)
+    assert [m.delivery_info["priority"] for m in received] == [0, 1, 5, 5, 3, 8, 9]
+    assert transport.queue_size(q) == 0
+
+
+def test_direct_and_topic_exchanges_route_through_kombus_binding_tables(broker: Broker) -> None:
+    a, b = qname(), qname()
+    transport = broker.make()
+    topic = Exchange("tf-topic", type="topic")
+    transport.declare(Queue(a, exchange=topic, routing_key="job.*"))
+    transport.declare(Queue(b, exchange=topic, routing_key="job.#"))
+    members = broker.raw.smembers(f"{broker.prefix}_kombu.binding.tf-topic")
+    assert f"job.*{SEP}^job\\.[^\\.]+${SEP}{a}".encode() in members
+    transport.publish(envelope(1), exchange="tf-topic", routing_key="job.x")
+    transport.publish(envelope(2), exchange="tf-topic", routing_key="job.x.y")
+    assert (transport.queue_size(a), transport.queue_size(b)) == (1, 2)
+    direct = Exchange("tf-direct")
+    transport.declare(Queue(a, exchange=direct, routing_key="k"))
+    transport.publish(envelope(3), exchange="tf-direct", routing_key="k")
+    transport.publish(envelope(4), exchange="tf-direct", routing_key="nobody")
+    assert transport.queue_size(a) == 2
+    transport.consume([Queue(a), Queue(b)])
+    got = receive(transport, 4)
+    # Each copy has its own delivery tag, so the two copies are settled apart.
+    assert len({m.delivery_tag for m in got}) == 4
+    for m in got:
+        m.ack()
+    assert broker.raw.hlen(broker.prefix + "unacked") == 0
+
+
+def test_fanout_reaches_every_live_subscriber(broker: Broker) -> None:
+    exchange = Exchange("tf-bcast", type="fanout", durable=False)
+    one, two = broker.make(), broker.make()
+    one.consume([Queue(qname(), exchange=exchange, routing_key="")])
+    two.consume([Queue(qname(), exchange=exchange, routing_key="")])
+    listener = broker.raw.pubsub()
+    listener.psubscribe(f"{broker.prefix}/0.tf-bcast")
+    producer = broker.make()
+    producer.declare_exchange(exchange)
+    producer.publish(envelope(7), exchange="tf-bcast", routing_key="")
+    for transport in (one, two):
+        [message] = receive(transport, 1)
+        assert message.body == b"[7]"
+        message.ack()  # nothing is held for a fanout message: a no-op
+    until(lambda: _pmessage(listener), "the PUBLISH on kombu's channel name")
+    listener.close()
+    assert broker.raw.hlen(broker.prefix + "unacked") == 0
+
+
+def _pmessage(listener: Any) -> bool:
+    item = listener.get_message(timeout=0.1)
+    return item is not None and item["type"] == "pmessage"
+
+
+def test_delay_keeps_the_message_in_the_sorted_set_until_due(broker: Broker) -> None:
+    q = qname()
+    transport = broker.make()
+    transport.consume([Queue(q)])
+    transport.publish(envelope(1), exchange="", routing_key=q, delay=2.0)
+    assert broker.raw.zcard(broker.prefix + "taskframe.delayed") == 1
+    assert transport.queue_size(q) == 0
+    assert transport.poll(0.3) == []
+    assert broker.raw.hlen(broker.prefix + "unacked") == 0  # never held while waiting
+    [message] = receive(transport, 1)
+    assert message.body == b"[1]"
+    assert broker.raw.zcard(broker.prefix + "taskframe.delayed") == 0
+    message.ack()
+
+
+_HOLDER = textwrap.dedent("""
+    import sys, time
+    from taskframe.transport import Queue
+    from taskframe.transport.redis import RedisTransport
+    t = RedisTransport(sys.argv[1], {"global_keyprefix": sys.argv[2], "visibility_timeout": 1.5})
+    t.connect()
+    t.consume([Queue(sys.argv[3])])
+    got = []
+    while not got:
+        got = t.poll(0.2)
+    print("held", got[0].delivery_tag, flush=True)
+    time.sleep(600)
+""")
+
+
+def test_restore_after_visibility_timeout_when_the_holder_vanishes(broker: Broker) -> None:
+    q = qname()
+    producer = broker.make()
+    producer.publish(envelope(5), exchange="", routing_key=q)
+    holder = subprocess.Popen([sys.executable, "-c", _HOLDER, broker.url, broker.prefix, q],
+                              stdout=subprocess.PIPE)
+    try:
+        assert holder.stdout is not None
+        line = holder.stdout.readline().decode().split()
+        assert line[0] == "held"
+        holder.kill()
+        holder.wait()
+    finally:
+        if holder.poll() is None:
+            holder.kill()
+            holder.wait()
+    assert broker.raw.hexists(broker.prefix + "unacked", line[1])
+    rescuer = broker.make(visibility_timeout=1.5)
+    rescuer.consume([Queue(q)])
+    got: list[Message] = []
+
+    def step() -> None:
+        rescuer.maintain()
+        got.extend(rescuer.poll(0.1))
+
+    until(lambda: bool(got), "the restored message", step)
+    [message] = got
+    assert message.body == b"[5]"
+    assert message.delivery_info["redelivered"] is True
+    message.ack()
+    assert broker.raw.hlen(broker.prefix + "unacked") == 0
+
+
+def test_maintain_keeps_the_claims_of_a_live_holder(broker: Broker) -> None:
+    q = qname()
+    holder = broker.make(visibility_timeout=1.0)
+    holder.consume([Queue(q)])
+    holder.publish(envelope(1), exchange="", routing_key=q)
+    [held] = receive(holder, 1)
+    other = broker.make(visibility_timeout=1.0, unacked_restore_interval=0.1)
+    other.consume([Queue(q)])
+    stolen: list[Message] = []
+    deadline = time.monotonic() + 4.0  # four visibility timeouts
+    while time.monotonic() < deadline:
+        holder.maintain()
+        other.maintain()
+        stolen += other.poll(0.1)
+    assert stolen == []
+    held.ack()
+    assert broker.raw.hlen(broker.prefix + "unacked") == 0
+
+
+def test_purge_and_queue_size_count_every_priority_list(broker: Broker) -> None:
+    q = qname()
+    transport = broker.make()
+    assert transport.queue_size(q) == 0
+    for n, priority in enumerate([0, 4, 9, 9]):
+        transport.publish(envelope(n, priority=priority), exchange="", routing_key=q)
+    assert transport.queue_size(q) == 4
+    assert transport.purge(q) == 4
+    assert transport.queue_size(q) == 0
+    assert not [k for k in broker.keys() if k.startswith(broker.prefix + q)]
+
+
+def test_close_gives_held_messages_back_to_the_front(broker: Broker) -> None:
+    q = qname()
+    transport = broker.make()
+    transport.consume([Queue(q)], prefetch_count=1)
+    transport.publish(envelope(1), exchange="", routing_key=q)
+    transport.publish(envelope(2), exchange="", routing_key=q)
+    [first] = receive(transport, 1)
+    transport.close()
+    again = broker.make()
+    again.consume([Queue(q)])
+    got = receive(again, 2)
+    assert [m.body for m in got] == [first.body, b"[2]"]
+    assert got[0].delivery_info["redelivered"] is True
+
+
+def test_a_killed_client_connection_is_replaced_without_losing_messages(broker: Broker) -> None:
+    q = qname()
+    transport = broker.make(client_name=f"tf-{broker.prefix}")
+    transport.consume([Queue(q)])
+    transport.publish(envelope(1), exchange="", routing_key=q)
+    [held] = receive(transport, 1)
+    killed = 0
+    for client in broker.raw.client_list():
+        if client.get("name") == f"tf-{broker.prefix}":
+            broker.raw.client_kill_filter(_id=client["id"])
+            killed += 1
+    assert killed >= 1
+    # redis-py opens a fresh socket for the next command: nothing to recover.
+    held.ack()
+    transport.publish(envelope(2), exchange="", routing_key=q)
+    [message] = receive(transport, 1)
+    assert message.body == b"[2]"
+    message.ack()
+    assert broker.raw.hlen(broker.prefix + "unacked") == 0
+
+
+def test_a_stalled_server_raises_connection_lost_after_socket_timeout(tmp_path: Path) -> None:
+    server = RedisServer(tmp_path)
+    server.start()
+    transport = RedisTransport(server.url, {"socket_timeout": 1.0})
+    try:
+        transport.connect()
+        q = qname()
+        transport.consume([Queue(q)])
+        assert transport.poll(0.05) == []
+        assert server.proc is not None
+        server.proc.send_signal(signal.SIGSTOP)  # the socket stays open, nothing answers
+        try:
+            with pytest.raises(ConnectionLost):
+                transport.poll(0.5)
+            transport.close()
+        finally:
+            server.proc.send_signal(signal.SIGCONT)
+        fresh = RedisTransport(server.url, {"socket_timeout": 1.0})
+        fresh.connect()
+        fresh.consume([Queue(q)])
+        fresh.publish(envelope(3), exchange="", routing_key=q)
+        [message] = receive(fresh, 1)
+        message.ack()
+        fresh.close()
+    finally:
+        transport.close()
+        server.stop()
+
+
+def test_server_restart_loses_no_held_message(tmp_path: Path) -> None:
+    server = RedisServer(tmp_path)
+    server.start()
+    made: list[RedisTransport] = []
+    try:
+        options = {"visibility_timeout": 1.5, "socket_timeout": 2.0}
+        transport = RedisTransport(server.url, options)
+        transport.connect()
+        made.append(transport)
+        q = qname()
+        transport.consume([Queue(q)])
+        for n in range(3):
+            transport.publish(envelope(n), exchange="", routing_key=q)
+        held = receive(transport, 3)
+        assert len(held) == 3
+        server.stop()
+        with pytest.raises(ConnectionLost):
+            held[0].ack()
+        started = time.monotonic()
+        transport.close()  # must not hang on the dead link
+        assert time.monotonic() - started < PATIENCE
+        with pytest.raises(BrokerConnectionError):
+            RedisTransport(server.url, options).connect()
+        server.start()
+        fresh = RedisTransport(server.url, options)
+        fresh.connect()
+        made.append(fresh)
+        fresh.consume([Queue(q)])
+        got: list[Message] = []
+
+        def step() -> None:
+            fresh.maintain()
+            got.extend(fresh.poll(0.1))
+
+        until(lambda: len(got) >= 3, "the three held messages, restored", step)
+        assert sorted(m.body for m in got) == [b"[0]", b"[1]", b"[2]"]
+    finally:
+        for transport in made:
+            transport.close()
+        server.stop()
