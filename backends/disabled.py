@@ -23,7 +23,7 @@ __all__ = ["DisabledBackend"]
 _HOW = (
     "no result backend is configured, so results cannot be read. Set the "
     "`result_backend` setting (for example app.conf.result_backend = "
-    "'redis://localhost:6379/0' or 'db+sqlite:///results.sqlite3', or "
+    "'db+sqlite:///results.sqlite3' or 'db+postgresql://user@host/db', or "
     "Taskframe(..., backend=...), or the TASKFRAME_RESULT_BACKEND environment variable)"
 )
 

@@ -18,6 +18,7 @@ import importlib
 import logging
 import os
 import socket
+import sys
 import threading
 import uuid
 import warnings
@@ -364,6 +365,10 @@ class Taskframe:
             correlation_id=task_id, reply_to=options.pop("reply_to", None) or self.origin,
             priority=priority, extra_headers=dict(headers or {}),
         )
+        if task is not None:
+            for key in ("exchange", "routing_key"):
+                if options.get(key) is None and getattr(task, key, None) is not None:
+                    options[key] = getattr(task, key)
         route = self.router.route(name, args, kwargs, options,
                                   task_queue=task.queue if task is not None else None)
         self._publish(message, route, delay, serializer=serializer or (
@@ -375,7 +380,7 @@ class Taskframe:
             warnings.warn(
                 f"task {name!r} was sent but no result_backend is configured: its result "
                 "cannot be read. Set result_backend or ignore_result=True.",
-                RuntimeWarning, stacklevel=3,
+                RuntimeWarning, stacklevel=_user_stacklevel(),
             )
         return AsyncResult(task_id, app=self, task_name=name)
 
@@ -440,6 +445,18 @@ def shared_task(fn: Callable[..., Any] | None = None, /, **options: Any) -> Any:
     if fn is not None:
         return decorator(fn)
     return decorator
+
+
+def _user_stacklevel() -> int:
+    """The ``stacklevel`` that points a warning at the first frame outside taskframe."""
+    frame = sys._getframe(1)
+    level = 1
+    package_dir = os.path.dirname(os.path.abspath(__file__))
+    while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(
+            package_dir):
+        frame = frame.f_back  # type: ignore[assignment]
+        level += 1
+    return level
 
 
 def _resolve(value: Any, default: Any) -> Any:

@@ -18,6 +18,7 @@ import click
 from taskframe import __version__
 from taskframe.app import Taskframe
 from taskframe.errors import ImproperlyConfigured, TaskframeError, TimeoutError
+from taskframe.pools import POOLS
 from taskframe.transport.errors import TransportError
 
 __all__ = ["EX_FAILURE", "EX_OK", "EX_UNAVAILABLE", "EX_USAGE", "find_app", "main"]
@@ -131,9 +132,9 @@ def main(ctx: click.Context, app_spec: str | None, broker: str | None,
 
 
 @main.command()
-@click.option("-P", "--pool", type=click.Choice(["solo", "threads", "prefork", "gevent",
-                                                 "eventlet", "asyncio"]),
-              help="Pool implementation (solo, threads in this version).")
+@click.option("-P", "--pool", type=click.Choice(sorted(POOLS)),
+              help="Pool implementation (prefork, gevent, eventlet and asyncio are not in "
+              "this version yet).")
 @click.option("-c", "--concurrency", type=click.IntRange(min=1), help="Number of pool slots.")
 @click.option("-Q", "--queues", help="Comma-separated queues to consume.")
 @click.option("-X", "--exclude-queues", help="Comma-separated queues not to consume.")
@@ -194,12 +195,13 @@ def call(ctx: Context, name: str, args_json: str, kwargs_json: str, countdown: f
     try:
         result = ctx.app.send_task(name, args, kwargs, **options)
         click.echo(result.id)
-        if wait:
-            click.echo(json.dumps(result.get(timeout=timeout), default=repr))
+        value = result.get(timeout=timeout, propagate=False) if wait else None
     except TimeoutError as exc:
         fail(str(exc), EX_TEMPFAIL)
     except (TaskframeError, TransportError) as exc:
-        fail(str(exc), EX_UNAVAILABLE)
+        fail(f"{type(exc).__name__}: {exc}", EX_UNAVAILABLE)
+    if wait:
+        _echo_result(value)
 
 
 @main.command()
@@ -219,8 +221,13 @@ def result(ctx: Context, task_id: str, show_traceback: bool, timeout: float | No
         fail(str(exc), EX_TEMPFAIL)
     except (TaskframeError, TransportError) as exc:
         fail(str(exc), EX_UNAVAILABLE)
+    _echo_result(value)
+
+
+def _echo_result(value: Any) -> None:
+    """Print a task's value as JSON, or its exception as ``Type: message`` (exit 1)."""
     if isinstance(value, BaseException):
-        click.echo(f"{type(value).__name__}: {value}")
+        click.echo(f"{type(value).__name__}: {value}", err=True)
         sys.exit(EX_FAILURE)
     click.echo(json.dumps(value, default=repr))
 
@@ -231,7 +238,10 @@ def result(ctx: Context, task_id: str, show_traceback: bool, timeout: float | No
 @click.option("-f", "--force", is_flag=True, help="Do not ask for confirmation.")
 @pass_ctx
 def purge(ctx: Context, queues: str | None, exclude_queues: str | None, force: bool) -> None:
-    """Delete every waiting message from the queues."""
+    """Delete the messages ready in the queues.
+
+    Messages held by running workers and delayed (countdown/ETA) messages are kept.
+    """
     app = ctx.app
     names = _split(queues) or list(app.router.queues)
     names = [n for n in names if n not in set(_split(exclude_queues) or ())]
@@ -246,6 +256,17 @@ def purge(ctx: Context, queues: str | None, exclude_queues: str | None, force: b
         fail(str(exc), EX_UNAVAILABLE)
     click.echo(f"Purged {total} message{'s' if total != 1 else ''} from "
                f"{len(names)} queue{'s' if len(names) != 1 else ''}.")
+
+
+@main.command()
+@pass_ctx
+def cleanup(ctx: Context) -> None:
+    """Delete stored results older than result_expires."""
+    try:
+        removed = ctx.app.backend.cleanup()
+    except (TaskframeError, TransportError) as exc:
+        fail(f"{type(exc).__name__}: {exc}", EX_UNAVAILABLE)
+    click.echo(f"Deleted {removed} expired result{'s' if removed != 1 else ''}.")
 
 
 def _split(value: str | None) -> list[str] | None:

@@ -172,6 +172,14 @@ def _read_source(obj: object, namespace: str | None) -> dict[str, Any]:
                 continue
             key = name[len(prefix):].lower()
         else:
+            if name.isupper() and _looks_like_setting(name):
+                warnings.warn(
+                    f"setting {name!r} ignored: setting names are lower case "
+                    f"({name.lower().removeprefix('celery_')!r}); for upper-case prefixed "
+                    "names pass namespace='CELERY' (or your prefix)",
+                    UnknownSettingWarning, stacklevel=4,
+                )
+                continue
             if name != name.lower() or callable(value) or _is_module(value):
                 continue
             key = name
@@ -179,6 +187,14 @@ def _read_source(obj: object, namespace: str | None) -> dict[str, Any]:
             _warn_unknown(key)
         result[key] = value
     return result
+
+
+def _looks_like_setting(name: str) -> bool:
+    lower = name.lower()
+    for prefix in ("", "celery_", "taskframe_"):
+        if lower.startswith(prefix) and lower[len(prefix):] in DEFAULTS:
+            return True
+    return lower.startswith(("celery_", "celeryd_", "broker_"))
 
 
 def _is_module(value: object) -> bool:

@@ -82,7 +82,7 @@ DEFAULTS: dict[str, Any] = {
         "max_retries": 3,
         "interval_start": 0.0,
         "interval_step": 0.2,
-        "interval_max": 0.2,
+        "interval_max": 1.0,
     },
     "task_send_sent_event": False,
     "task_inherit_parent_priority": False,

@@ -1,9 +1,10 @@
 """Signals: named hooks with Celery's names and arguments.
 
 ``@task_success.connect`` registers a receiver; ``sender=`` limits it to one
-sender (a task name or a task object for task signals, a hostname for worker
-signals). A receiver's exception is logged and does not stop the task or the
-worker, except for ``before_task_publish``, whose errors reach the caller.
+sender: a task name or a task object for task signals; for worker signals
+(sent by the ``Worker`` object) the worker object or its hostname. A
+receiver's exception is logged and does not stop the task or the worker, except
+for ``before_task_publish``, whose errors reach the caller.
 """
 
 from __future__ import annotations
@@ -101,6 +102,7 @@ def _sender_matches(wanted: Any, sender: Any) -> bool:
     if wanted == sender or wanted is sender:
         return True
     return bool(getattr(sender, "name", None) == wanted
+                or getattr(sender, "hostname", None) == wanted
                 or getattr(wanted, "name", None) == sender)
 
 

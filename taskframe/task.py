@@ -15,7 +15,17 @@ import inspect
 import random
 from collections.abc import Callable, Sequence
 from datetime import datetime, timedelta
-from typing import TYPE_CHECKING, Any, ClassVar, Generic, NoReturn, ParamSpec, TypeVar
+from typing import (
+    TYPE_CHECKING,
+    Any,
+    ClassVar,
+    Generic,
+    Literal,
+    NoReturn,
+    ParamSpec,
+    TypeVar,
+    overload,
+)
 
 from taskframe.context import Context, current_request
 from taskframe.errors import MaxRetriesExceededError, Retry
@@ -36,7 +46,7 @@ TASK_OPTIONS = frozenset({
     "acks_late", "acks_on_failure_or_timeout", "autoretry_for", "default_retry_delay",
     "expires", "ignore_result", "max_retries", "priority", "queue", "rate_limit",
     "reject_on_worker_lost", "retry_backoff", "retry_backoff_max", "retry_jitter",
-    "retry_kwargs", "serializer", "shadow_name", "soft_time_limit", "store_errors_even_if_ignored",
+    "retry_kwargs", "serializer", "soft_time_limit", "store_errors_even_if_ignored",
     "throws", "time_limit", "track_started", "typing", "compression", "exchange", "routing_key",
 })
 
@@ -197,6 +207,17 @@ class Task(Generic[P, R]):
 
     # -- retries ----------------------------------------------------------------------
 
+    @overload
+    def retry(self, args: Sequence[Any] | None = ..., kwargs: dict[str, Any] | None = ...,
+              exc: BaseException | None = ..., throw: Literal[True] = ...,
+              eta: datetime | None = ..., countdown: float | timedelta | None = ...,
+              max_retries: int | None = ..., **options: Any) -> NoReturn: ...
+    @overload
+    def retry(self, args: Sequence[Any] | None = ..., kwargs: dict[str, Any] | None = ...,
+              exc: BaseException | None = ..., *, throw: Literal[False],
+              eta: datetime | None = ..., countdown: float | timedelta | None = ...,
+              max_retries: int | None = ..., **options: Any) -> Retry: ...
+
     def retry(
         self,
         args: Sequence[Any] | None = None,
@@ -207,11 +228,13 @@ class Task(Generic[P, R]):
         countdown: float | timedelta | None = None,
         max_retries: int | None = None,
         **options: Any,
-    ) -> NoReturn:
+    ) -> Retry:
         """Run this task again later, then stop the current run by raising ``Retry``.
 
         Raises ``exc`` (or ``MaxRetriesExceededError``) instead once the task
-        has been retried ``max_retries`` times.
+        has been retried ``max_retries`` times. With ``throw=False`` the next run
+        is still sent but ``Retry`` is returned, not raised: the current run goes
+        on and its own outcome is stored (Celery's behaviour).
         """
         request = self.request
         if request.called_directly:
@@ -233,7 +256,10 @@ class Task(Generic[P, R]):
             from taskframe.worker.trace import publish_retry
 
             publish_retry(self, request, args, kwargs, eta=eta, countdown=countdown, **options)
-        raise Retry(exc=exc, when=when, is_eager=request.is_eager)
+        retry = Retry(exc=exc, when=when, is_eager=request.is_eager)
+        if throw:
+            raise retry
+        return retry
 
     def autoretry_countdown(self, retries: int) -> float:
         """The countdown an ``autoretry_for`` retry uses (exponential with ``retry_backoff``)."""

@@ -106,3 +106,11 @@ def test_every_default_has_a_lowercase_name() -> None:
         warnings.simplefilter("error")
         for name in DEFAULTS:
             assert name == name.lower()
+
+
+def test_upper_case_settings_without_namespace_warn() -> None:
+    conf = Settings()
+    conf.config_from_object(types.SimpleNamespace(BROKER_URL="memory://old",
+                                                  CELERY_RESULT_BACKEND="db+sqlite:///x"))
+    with pytest.warns(UnknownSettingWarning, match="namespace='CELERY'"):
+        assert conf.broker_url is None

@@ -247,3 +247,38 @@ def test_log_lines_of_a_task_carry_its_name_and_id(app: Taskframe) -> None:
         f"INFO {chatty.name}[abc-123] from the task logger",
         "INFO outside",
     ]
+
+
+def test_retry_with_throw_false_returns_and_the_run_goes_on(app: Taskframe) -> None:
+    from taskframe.errors import Retry
+
+    app.conf.task_always_eager = False
+    got: list[object] = []
+
+    @app.task(bind=True)
+    def soft(self: Task[Any, Any]) -> str:
+        with pytest.raises(RuntimeError):  # called directly: retry() refuses
+            self.retry(exc=RuntimeError("direct"), throw=False)
+        return "ran"
+
+    assert soft() == "ran"
+    ctx_task = soft
+    from taskframe.context import Context, request_context
+
+    ctx = Context(id="r1", task=ctx_task.name, called_directly=False, is_eager=True)
+    with request_context(ctx):
+        value = ctx_task.retry(countdown=0, throw=False)
+        got.append(value)
+    assert isinstance(got[0], Retry)
+
+
+def test_no_backend_warning_points_at_the_caller() -> None:
+    app = Taskframe("warn", broker="memory://warn", set_as_current=False)
+
+    @app.task
+    def noted() -> None:
+        return None
+
+    with pytest.warns(RuntimeWarning, match="no result_backend") as record:
+        noted.delay()
+    assert record[0].filename == __file__

@@ -115,3 +115,41 @@ def test_worker_exits_non_zero_when_the_broker_is_unreachable(tmp_path: Path) ->
     assert proc.returncode == 69, proc.stderr
     assert "Cannot connect to the broker" in proc.stderr
     assert "Giving up" in proc.stderr
+
+
+def test_result_prints_a_failure_as_one_line(tmp_path: Path) -> None:
+    (tmp_path / "failproj.py").write_text(
+        "from taskframe import Taskframe\n"
+        "app = Taskframe('f', broker='memory://failproj', backend='memory://')\n"
+        "app.conf.task_always_eager = True\n"
+        "@app.task\n"
+        "def boom():\n"
+        "    raise ValueError('bad input')\n"
+    )
+    sys.path.insert(0, str(tmp_path))
+    try:
+        import failproj
+
+        handle = failproj.app.backend.mark_as_failure("abc", ValueError("bad input"))
+        assert handle["status"] == "FAILURE"
+        out = CliRunner().invoke(main, ["-A", "failproj", "result", "abc"])
+    finally:
+        sys.path.remove(str(tmp_path))
+        sys.modules.pop("failproj", None)
+    assert out.exit_code == 1
+    assert out.output.strip() == "ValueError: bad input"
+    assert "Traceback" not in out.output
+
+
+def test_cleanup_command(tmp_path: Path) -> None:
+    db = tmp_path / "r.sqlite3"
+    out = CliRunner().invoke(main, ["-b", "memory://cleanup", "--result-backend",
+                                    f"db+sqlite:///{db}", "cleanup"])
+    assert out.exit_code == 0, out.output
+    assert out.output.startswith("Deleted 0 expired results")
+
+
+def test_unavailable_pools_are_refused_by_the_parser() -> None:
+    out = CliRunner().invoke(main, ["worker", "-P", "gevent"])
+    assert out.exit_code == 2
+    assert "gevent" in out.output
