@@ -33,7 +33,7 @@ bench: $(STAMP)
 	$(BIN)/python t/benchmarks/run.py
 
 docs: $(STAMP)
-	$(BIN)/mkdocs build --strict
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict
 
 clean:
 	rm -rf build site .pytest_cache .mypy_cache .ruff_cache examples/demo/taskframe.sqlite3*

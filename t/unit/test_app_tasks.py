@@ -282,3 +282,19 @@ def test_no_backend_warning_points_at_the_caller() -> None:
     with pytest.warns(RuntimeWarning, match="no result_backend") as record:
         noted.delay()
     assert record[0].filename == __file__
+
+
+def test_autodiscover_tasks(tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    pkg = tmp_path / "discpkg"
+    (pkg / "withtasks").mkdir(parents=True)
+    (pkg / "without").mkdir()
+    (pkg / "__init__.py").write_text("")
+    (pkg / "withtasks" / "__init__.py").write_text("")
+    (pkg / "without" / "__init__.py").write_text("")
+    (pkg / "withtasks" / "tasks.py").write_text(
+        "from taskframe import shared_task\n\n@shared_task\ndef found():\n    return 1\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    app = Taskframe("disc", broker="memory://disc", set_as_current=False)
+    imported = app.autodiscover_tasks(["discpkg.withtasks", "discpkg.without"])
+    assert imported == ["discpkg.withtasks.tasks"]
+    assert "discpkg.withtasks.tasks.found" in app.tasks

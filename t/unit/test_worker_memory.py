@@ -242,3 +242,38 @@ def test_solo_keeps_claims_fresh_while_a_long_task_runs(tmp_path: Any) -> None:
             worker.stop()
             thread.join(15)
         app.close()
+
+
+def test_track_started_shows_started_while_running(app: Taskframe, run_worker: Any) -> None:
+    running = threading.Event()
+    release = threading.Event()
+
+    @app.task(track_started=True)
+    def tracked() -> str:
+        running.set()
+        release.wait(10)
+        return "ok"
+
+    run_worker()
+    result = tracked.delay()
+    assert running.wait(10)
+    try:
+        assert result.state == states.STARTED
+        assert result.info["pid"] > 0 and result.info["hostname"]
+    finally:
+        release.set()
+    assert result.get(timeout=10) == "ok"
+
+
+def test_worker_consumes_only_its_queues(app: Taskframe, run_worker: Any) -> None:
+    @app.task
+    def where(tag: str) -> str:
+        return tag
+
+    fast = where.apply_async(("fast",), queue="fast")
+    slow = where.apply_async(("slow",), queue="slow")
+    run_worker(queues=["fast"])
+    assert fast.get(timeout=10) == "fast"
+    threading.Event().wait(0.3)
+    assert slow.state == states.PENDING
+    assert app.producer_connection().transport.queue_size("slow") == 1
