@@ -73,6 +73,8 @@ class MessageState:
     ACKED = "ACKED"
     REJECTED = "REJECTED"
     REQUEUED = "REQUEUED"
+    #: the connection it arrived on dropped: the broker gives it back by itself.
+    LOST = "LOST"
 
 
 class Message:
@@ -282,6 +284,14 @@ class Transport(abc.ABC):
     @abc.abstractmethod
     def ack(self, message: Message) -> None:
         """Remove a held message for good. Use ``Message.ack()`` instead."""
+
+    def ack_many(self, messages: Sequence[Message]) -> None:
+        """Ack several held messages at once (one round trip where the broker allows).
+
+        Marks each message ACKED. The default acks them one by one.
+        """
+        for message in messages:
+            message.ack()
 
     @abc.abstractmethod
     def reject(self, message: Message, *, requeue: bool) -> None:

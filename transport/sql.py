@@ -54,7 +54,7 @@ from typing import Any, ClassVar, TypeVar
 
 import sqlalchemy as sa
 
-from .base import Envelope, Message, Transport
+from .base import Envelope, Message, MessageState, Transport
 from .entities import Exchange, Queue
 from .errors import BrokerConnectionError, TransportError
 from .routing import Binding, check_exchange_type, route
@@ -408,6 +408,33 @@ class SQLTransport(Transport):
 
     def ack(self, message: Message) -> None:
         self._settle(message, delete=True, action="ack")
+
+    def ack_many(self, messages: Sequence[Message]) -> None:
+        """Delete several held messages in one statement (one commit)."""
+        if len(messages) == 1:
+            messages[0].ack()
+            return
+        for message in messages:
+            message._check_unsettled()
+        table = self._tables.messages
+        tags = [message.delivery_tag for message in messages]
+        ours = sa.and_(table.c.id.in_(tags), table.c.claim == self.token)
+
+        def settle(conn: sa.Connection) -> int:
+            if self._postgres:
+                conn.execute(sa.text("SET LOCAL synchronous_commit = off"))
+            return int(conn.execute(sa.delete(table).where(ours)).rowcount)
+
+        count = self._run(f"ack of {len(tags)} messages", settle)
+        for message in messages:
+            self._held.discard(message.delivery_tag)
+            message.state = MessageState.ACKED
+        if count < len(tags):
+            logger.warning(
+                "%r: ack of %d messages: %d claims were lost (visibility timeout of %.1fs "
+                "passed without maintain()?); those may run again",
+                self, len(tags), len(tags) - count, self.visibility_timeout,
+            )
 
     def reject(self, message: Message, *, requeue: bool) -> None:
         self._settle(message, delete=not requeue, action="requeue" if requeue else "reject")

@@ -33,6 +33,7 @@ from taskframe.errors import (
 )
 from taskframe.protocol import decode_message, states
 from taskframe.transport import Connection, Message, Queue
+from taskframe.transport.base import MessageState
 from taskframe.transport.errors import BrokerConnectionError, ConnectionLost
 from taskframe.worker.request import Request
 from taskframe.worker.trace import Outcome, execute
@@ -135,13 +136,36 @@ class Consumer:
         self._settle(*item)
 
     def settle_completions(self) -> None:
-        """Apply every action the pool reported."""
+        """Apply every action the pool reported; acks go to the broker in one batch."""
+        acks: list[Request] = []
         while True:
             try:
-                item = self.completions.get_nowait()
+                request, action = self.completions.get_nowait()
             except queue.Empty:
-                return
-            self._settle(*item)
+                break
+            if action == ACK:
+                acks.append(request)
+            else:
+                self._settle(request, action)
+        if acks:
+            self._ack_batch(acks)
+
+    def _ack_batch(self, requests: list[Request]) -> None:
+        transport = self.connection.transport
+        current = [r for r in requests
+                   if not r.message.settled and r.message.transport is transport]
+        for request in requests:
+            if request not in current:
+                self._settle(request, ACK)  # stale or settled: handled one by one
+        if not current:
+            return
+        try:
+            transport.ack_many([r.message for r in current])
+        except TransportError as exc:
+            logger.warning("could not ack %d message(s): %s", len(current), exc)
+            if isinstance(exc, ConnectionLost):
+                raise
+        self.held -= len(current)
 
     def report(self, request: Request, action: str) -> None:
         """Called by jobs (any thread): settle now on the loop's thread, else queue it."""
@@ -163,7 +187,7 @@ class Consumer:
             # message back by itself, so settling it here would be wrong or impossible.
             logger.info("not settling %r: its connection was lost", request)
             self.held -= 1
-            message.state = "LOST"
+            message.state = MessageState.LOST
             return
         try:
             if action == ACK:
@@ -326,10 +350,13 @@ class Consumer:
 
     def _reconnect(self, exc: Exception) -> None:
         logger.error("Connection to broker lost: %s. Reconnecting...", exc)
-        # Messages received on the dropped connection come back from the broker.
-        for request in [r for _, _, r in self.timers] + list(self.reserved):
-            request.message.state = "LOST"
-        self.held -= len(self.timers) + len(self.reserved)
+        # Messages received on the dropped connection come back from the broker: forget
+        # them (running tasks still finish; their late acks are skipped).
+        pending = [r for _, _, r in self.timers] + list(self.reserved) + list(self.active.values())
+        for request in pending:
+            if not request.message.settled:
+                request.message.state = MessageState.LOST
+        self.held = 0
         self.timers.clear()
         self.reserved.clear()
         with contextlib.suppress(TransportError):
