@@ -175,7 +175,7 @@ def _read_source(obj: object, namespace: str | None) -> dict[str, Any]:
             if name.isupper() and _looks_like_setting(name):
                 warnings.warn(
                     f"setting {name!r} ignored: setting names are lower case "
-                    f"({name.lower().removeprefix('celery_')!r}); for upper-case prefixed "
+                    f"({_bare(name)!r}); for upper-case prefixed "
                     "names pass namespace='CELERY' (or your prefix)",
                     UnknownSettingWarning, stacklevel=4,
                 )
@@ -187,6 +187,10 @@ def _read_source(obj: object, namespace: str | None) -> dict[str, Any]:
             _warn_unknown(key)
         result[key] = value
     return result
+
+
+def _bare(name: str) -> str:
+    return name.lower().removeprefix("celery_").removeprefix("taskframe_")
 
 
 def _looks_like_setting(name: str) -> bool:

@@ -54,10 +54,11 @@ class Context:
     _abort: threading.Event = field(default_factory=threading.Event, repr=False)
 
     def should_abort(self) -> bool:
-        """True once the worker asked this task to stop (shutdown or revoke).
+        """True once the worker asked this task to stop.
 
-        Long-running tasks on the threads and solo pools check it and return
-        early; ``abort_reason`` says ``"shutdown"`` or ``"revoked"``.
+        Long-running tasks check it and return early. ``abort_reason`` says why:
+        ``"shutdown"`` at the soft-shutdown deadline (revoke will use
+        ``"revoked"`` once remote control lands).
         """
         return self._abort.is_set()
 
