@@ -13,7 +13,6 @@ from types import ModuleType
 
 import pytest
 import sqlalchemy as sa
-
 from services import postgres_url
 from workers import ProjectImport, WorkerProcs, read_lines, wait_until
 
