@@ -32,7 +32,9 @@ Semantics every transport keeps:
 * ``publish(delay=...)`` keeps the message in the broker until it is due; a
   transport that cannot do that says so with ``supports_delay = False`` and the
   caller keeps the delay itself.
-* Priorities use AMQP's direction: a larger number is more urgent (0-255).
+* Priorities use AMQP's direction: a larger number is more urgent (0-255),
+  except where a transport sets ``lower_priority_first = True`` (Redis, to mean
+  what kombu and Celery mean there: a lower number is consumed first).
 * No client-library exception escapes: everything is translated into
   ``taskframe.transport.errors``.
 """
@@ -194,6 +196,7 @@ class Transport(abc.ABC):
     schemes: ClassVar[tuple[str, ...]] = ()
     supports_delay: ClassVar[bool] = False
     supports_fanout: ClassVar[bool] = False
+    lower_priority_first: ClassVar[bool] = False
     default_port: ClassVar[int | None] = None
 
     def __init__(self, url: str, options: Mapping[str, Any] | None = None) -> None:

@@ -18,9 +18,12 @@ Features:
       BRPOP: BRPOP removes the message before the client records it, so a
       ``kill -9`` between the two, or a reply lost on a broken link (a half-open
       socket, a server restart after the pop), loses the message for good, which
-      kombu accepts and we do not. The price is that an idle consumer polls
-      (every ``polling_interval``, backing off to ``polling_interval_max``)
-      instead of blocking; a busy one takes batches and never waits.
+      kombu accepts and we do not. A busy consumer takes batches and never
+      waits; an idle one is woken by the server (``redis_wake``: RESP3
+      ``CLIENT TRACKING BCAST`` invalidations on the queues' key prefixes, so
+      any client's LPUSH wakes it, in about a millisecond); where Redis refuses
+      tracking (< 6.0) or ``wake_ups`` is False it polls every
+      ``polling_interval``, backing off to ``polling_interval_max``.
     * ``ack`` = HDEL + ZREM (MULTI). ``reject(requeue=True)`` puts the message
       at the back of the queue it came from, once (Lua). ``maintain()`` sets the
       index score of every held message to now, so neither our restorer nor a
@@ -67,16 +70,20 @@ Options (``broker_transport_options``):
     ``unacked_mutex_key``, ``unacked_mutex_expire`` (300.0),
     ``unacked_restore_interval`` (min(10, visibility_timeout / 4)),
     ``unacked_restore_limit`` (100), ``polling_interval`` (0.005),
-    ``polling_interval_max`` (0.1), ``max_batch`` (100), ``username``,
+    ``polling_interval_max`` (0.1), ``wake_ups`` (True), ``max_batch`` (100), ``username``,
     ``password``, ``client_name``, ``master_name``, ``sentinel_kwargs``, ``ssl``.
 
 Clocks: claim scores and due times use the clients' wall clocks, as kombu's.
+
+Sharing a database with Celery workers: kombu never refreshes the claims of the
+messages it holds, so any consumer whose ``visibility_timeout`` is shorter than a
+Celery worker's task restores that task to another worker. Give both sides the same
+``visibility_timeout`` (and ``global_keyprefix``).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import time
 import uuid
@@ -88,13 +95,18 @@ import redis.client
 from redis.commands.core import Script
 
 from . import redis_scripts as lua
+from . import redis_upkeep as upkeep
 from .base import Envelope, Message, Transport
 from .entities import Exchange, Queue
-from .errors import BrokerConnectionError, DecodeError, ImproperlyConfigured
+from .errors import BrokerConnectionError, DecodeError, ImproperlyConfigured, TransportError
+from .redis_fanout import FanoutSubscriber
 from .redis_layout import (
     DEFAULT_PRIORITY_STEPS,
     DEFAULT_SEP,
     FANOUT_PREFIX,
+    UNACKED_INDEX_KEY,
+    UNACKED_KEY,
+    UNACKED_MUTEX_KEY,
     KeyLayout,
     build_client,
     decode_envelope,
@@ -106,7 +118,7 @@ from .redis_layout import (
     topic_pattern,
     translate_errors,
 )
-from .routing import topic_matches
+from .redis_wake import Waker, wait_readable
 from .url import safe_url
 
 __all__ = ["RedisTransport"]
@@ -119,7 +131,6 @@ DEFAULT_VISIBILITY_TIMEOUT = 3600.0
 _FULL_WAIT = 0.05
 # Delayed messages are looked for at most this often by poll() (maintain() always).
 _PROMOTE_EVERY = 0.25
-_PROMOTE_BATCH = 1000
 # kombu 5.7: a binding table of an expiring queue lives max(2 x x-expires, 1 h).
 _MIN_BINDING_TTL_MS = 3_600_000
 _CONTENT_INVALID = "application/x-taskframe-unreadable"
@@ -136,9 +147,6 @@ class RedisTransport(Transport):
     default_port: ClassVar[int | None] = 6379
     #: Redis priorities follow kombu: a lower number is consumed first.
     lower_priority_first: ClassVar[bool] = True
-    #: Seconds between ``maintain()`` calls the consumer loop makes (claims stay fresh
-    #: for visibility timeouts down to a few seconds).
-    maintain_interval: ClassVar[float] = 1.0
 
     def __init__(self, url: str, options: Mapping[str, Any] | None = None) -> None:
         super().__init__(url, options)
@@ -154,9 +162,9 @@ class RedisTransport(Transport):
             sep=str(opts.get("sep", DEFAULT_SEP)),
             steps=steps or DEFAULT_PRIORITY_STEPS,
             fanout_patterns=bool(opts.get("fanout_patterns", True)),
-            unacked=str(opts.get("unacked_key", "unacked")),
-            unacked_index=str(opts.get("unacked_index_key", "unacked_index")),
-            unacked_mutex=str(opts.get("unacked_mutex_key", "unacked_mutex")),
+            unacked=str(opts.get("unacked_key", UNACKED_KEY)),
+            unacked_index=str(opts.get("unacked_index_key", UNACKED_INDEX_KEY)),
+            unacked_mutex=str(opts.get("unacked_mutex_key", UNACKED_MUTEX_KEY)),
         )
         self._mutex_expire = float(opts.get("unacked_mutex_expire", 300.0))
         self._restore_every = float(
@@ -167,13 +175,14 @@ class RedisTransport(Transport):
         self._interval_max = float(opts.get("polling_interval_max", 0.1))
         self._max_batch = int(opts.get("max_batch", 100))
         self._client: redis.Redis | None = None
-        self._pubsub: redis.client.PubSub | None = None
+        self._fanout: FanoutSubscriber | None = None
+        self._waker: Waker | None = None
+        self._waker_refused = not opts.get("wake_ups", True)
         self._scripts: dict[str, Script] = {}
         self._exchange_types: dict[str, str] = {}
         self._expires: dict[str, int] = {}  # queue -> x-expires ms
         self._bindings: dict[str, tuple[str, str, str]] = {}  # queue -> (exchange, rk, pattern)
         self._consumed: dict[str, Queue] = {}  # list-consumed queues, in order
-        self._fanout: dict[str, list[str]] = {}  # psubscribe pattern -> queues
         self._held: dict[str, str] = {}  # tag -> list key it was taken from
         self._prefetch = 0
         self._rotation = 0
@@ -222,16 +231,17 @@ class RedisTransport(Transport):
             held, self._held = self._held, {}
             try:
                 self._give_back(client, held)
-            except BrokerConnectionError as exc:
+            except TransportError as exc:
                 logger.warning(
                     "%r: could not give back %d held message(s) (%s); they come back after "
                     "the visibility timeout (%.0f s)", self, len(held), exc,
                     self.visibility_timeout,
                 )
-        pubsub, self._pubsub = self._pubsub, None
+        fanout, self._fanout = self._fanout, None
         try:
-            if pubsub is not None:
-                pubsub.close()
+            self._drop_waker()
+            if fanout is not None:
+                fanout.close()
             client.close()
         except (redis.exceptions.RedisError, OSError) as exc:
             logger.debug("%r: closing: %s", self, exc)
@@ -243,7 +253,7 @@ class RedisTransport(Transport):
             for (tag, key), value in zip(held.items(), values, strict=True):
                 if value is None:
                     continue
-                raw = _stored_envelope(text(value))
+                raw = upkeep.stored_envelope(text(value))
                 self._scripts["requeue"](
                     keys=[layout.key(layout.unacked), layout.key(layout.unacked_index), key],
                     args=[tag, mark_redelivered(raw), "RPUSH"], client=client,
@@ -341,20 +351,9 @@ class RedisTransport(Transport):
             pipe.execute()
 
     def _route(self, client: redis.Redis, exchange: str, routing_key: str) -> list[str]:
-        layout = self._layout
         with translate_errors(f"reading the bindings of {exchange!r}"):
-            members = client.smembers(layout.binding_key(exchange))
-        topic = self._exchange_types.get(exchange) == "topic"
-        queues: dict[str, None] = {}
-        for raw in sorted(text(m) for m in members):
-            parsed = layout.parse_member(raw)
-            if parsed is None:
-                continue
-            key, pattern, queue = parsed
-            wildcard = topic or bool(pattern)
-            if topic_matches(key, routing_key) if wildcard else key == routing_key:
-                queues[queue] = None
-        return list(queues)
+            return upkeep.route(client, self._layout, self._exchange_types.get(exchange),
+                                exchange, routing_key)
 
     def _touch_expiring(self, pipe: redis.client.Pipeline, queue: str) -> None:
         expires = self._expires.get(queue)
@@ -371,32 +370,21 @@ class RedisTransport(Transport):
             if exchange.type == "fanout" and exchange.name:
                 pattern = self._layout.fanout_channel(
                     exchange.name, queue.bound_routing_key.replace("#", "*"))
-                self._fanout.setdefault(pattern, [])
-                if queue.name not in self._fanout[pattern]:
-                    self._fanout[pattern].append(queue.name)
-                self._subscribe()
-            else:
+                with translate_errors("subscribing to a fanout exchange"):
+                    if self._fanout is None:
+                        self._fanout = FanoutSubscriber(self._redis())
+                    self._fanout.add(pattern, queue.name)
+            elif queue.name not in self._consumed:
                 self._consumed[queue.name] = queue
+                self._drop_waker()  # reopened for the new set of queues
         self._prefetch = prefetch_count
 
-    def _subscribe(self) -> None:
-        client = self._redis()
-        with translate_errors("subscribing to fanout exchanges"):
-            if self._pubsub is None:
-                self._pubsub = client.pubsub(  # type: ignore[no-untyped-call]
-                    ignore_subscribe_messages=True)
-            self._pubsub.psubscribe(*self._fanout)
-
     def cancel(self, queue_name: str) -> None:
-        self._consumed.pop(queue_name, None)
-        for pattern, names in list(self._fanout.items()):
-            if queue_name in names:
-                names.remove(queue_name)
-                if not names:
-                    del self._fanout[pattern]
-                    if self._pubsub is not None:
-                        with translate_errors("unsubscribing"):
-                            self._pubsub.punsubscribe(pattern)  # type: ignore[no-untyped-call]
+        if self._consumed.pop(queue_name, None) is not None:
+            self._drop_waker()
+        if self._fanout is not None:
+            with translate_errors("unsubscribing from a fanout exchange"):
+                self._fanout.remove(queue_name)
 
     def set_prefetch(self, prefetch_count: int) -> None:
         self._prefetch = prefetch_count
@@ -412,24 +400,63 @@ class RedisTransport(Transport):
             full = room <= 0 and bool(self._consumed)
             if not full and self._consumed:
                 messages += self._claim(min(room, self._max_batch))
+            if messages or full:
+                self._disarm()
             if messages:
                 self._interval = self._interval_min
                 return messages
             remaining = None if deadline is None else deadline - time.monotonic()
             if remaining is not None and remaining <= 0:
                 return []
-            wait = _FULL_WAIT if full else self._interval
+            if full:
+                time.sleep(_FULL_WAIT if remaining is None else min(_FULL_WAIT, remaining))
+                return []
+            self._wait(remaining)
+
+    def _wait(self, remaining: float | None) -> None:
+        """Sleep until a consumed list or fanout subscription may have something.
+
+        With a ``Waker`` the wait ends on a push from the server and lasts at most
+        ``_PROMOTE_EVERY``; without one it is the polling back-off.
+        """
+        with translate_errors("waiting for messages"):
+            waker = self._waker
+            if waker is None and self._consumed and not self._waker_refused:
+                self._waker = Waker.open(self._redis(), map(self._layout.key, self._consumed))
+                self._waker_refused = self._waker is None
+                if self._waker is not None:
+                    return  # take once more: something may have come before the pushes
+            if waker is not None and not waker.armed:
+                waker.arm()
+                return  # likewise
+            if waker is not None:
+                wait = _PROMOTE_EVERY
+            else:
+                wait = self._interval
+                self._interval = min(self._interval * 2, self._interval_max)
             if remaining is not None:
                 wait = min(wait, remaining)
-            if self._pubsub is not None and self._fanout:
-                messages = self._receive_fanout(wait)
-                if messages:
-                    return messages
-            else:
+            fanout = self._fanout if self._fanout else None
+            if waker is None and fanout is None:
                 time.sleep(wait)
-            if full:
-                return []
-            self._interval = min(self._interval * 2, self._interval_max)
+                return
+            ready = (waker is not None and waker.pending()) or (
+                fanout is not None and fanout.pending())
+            if not ready:
+                wait_readable([waker.socket() if waker else None,
+                               fanout.socket() if fanout else None], wait)
+            if waker is not None:
+                waker.drain()
+
+    def _disarm(self) -> None:
+        if self._waker is not None and self._waker.armed:
+            with translate_errors("pausing wake-ups"):
+                self._waker.disarm()
+
+    def _drop_waker(self) -> None:
+        waker, self._waker = self._waker, None
+        if waker is not None:
+            waker.close()
 
     def _list_keys(self) -> tuple[list[str], list[str]]:
         """The lists to take from, in order, and the queue name of each."""
@@ -490,35 +517,18 @@ class RedisTransport(Transport):
         )
 
     def _receive_fanout(self, wait: float) -> list[Message]:
-        pubsub = self._pubsub
-        if pubsub is None or not self._fanout:
+        if not self._fanout:
             return []
-        messages: list[Message] = []
         with translate_errors("receiving fanout messages"):
-            item = pubsub.get_message(timeout=wait)
-            while item is not None:
-                if item.get("type") == "pmessage":
-                    messages += self._fanout_messages(item)
-                item = pubsub.get_message(timeout=0.0)
-        return messages
-
-    def _fanout_messages(self, item: dict[str, Any]) -> list[Message]:
-        raw = text(item["data"])
-        try:
-            env = decode_envelope(raw)
-        except DecodeError as exc:
-            logger.warning("%r: unreadable fanout message on %r: %s", self,
-                           text(item["channel"]), exc)
-            return []
-        tag = env.tag or str(uuid.uuid4())
+            received = self._fanout.receive(wait)
         return [
-            Message(self, body=env.body, delivery_tag=tag, content_type=env.content_type,
-                    content_encoding=env.content_encoding, headers=env.headers,
-                    properties=env.properties,
+            Message(self, body=env.body, delivery_tag=env.tag or str(uuid.uuid4()),
+                    content_type=env.content_type, content_encoding=env.content_encoding,
+                    headers=env.headers, properties=env.properties,
                     delivery_info={"exchange": env.exchange, "routing_key": env.routing_key,
                                    "priority": env.priority, "redelivered": False,
                                    "queue": queue})
-            for queue in self._fanout.get(text(item["pattern"]), [])
+            for queue, env in received
         ]
 
     def ack(self, message: Message) -> None:
@@ -534,16 +544,18 @@ class RedisTransport(Transport):
             return  # a fanout message: nothing is held
         client = self._redis()
         layout = self._layout
-        with translate_errors(f"requeue of message {tag}"):
-            value = client.hget(layout.key(layout.unacked), tag)
-            done = 0
-            if value is not None:
-                done = self._scripts["requeue"](
-                    keys=[layout.key(layout.unacked), layout.key(layout.unacked_index), key],
-                    args=[tag, mark_redelivered(_stored_envelope(text(value))), "LPUSH"],
-                    client=client,
-                )
-        del self._held[tag]
+        try:
+            with translate_errors(f"requeue of message {tag}"):
+                value = client.hget(layout.key(layout.unacked), tag)
+                done = 0
+                if value is not None:
+                    done = self._scripts["requeue"](
+                        keys=[layout.key(layout.unacked), layout.key(layout.unacked_index), key],
+                        args=[tag, mark_redelivered(upkeep.stored_envelope(text(value))), "LPUSH"],
+                        client=client,
+                    )
+        finally:
+            del self._held[tag]
         if not done:
             self._warn_lost("requeue", tag)
 
@@ -553,12 +565,16 @@ class RedisTransport(Transport):
             return  # a fanout message: nothing is held
         client = self._redis()
         layout = self._layout
-        with translate_errors(f"{action} of message {tag}"):
-            pipe = client.pipeline()
-            pipe.zrem(layout.key(layout.unacked_index), tag)
-            pipe.hdel(layout.key(layout.unacked), tag)
-            _, removed = pipe.execute()
-        del self._held[tag]
+        try:
+            with translate_errors(f"{action} of message {tag}"):
+                pipe = client.pipeline()
+                pipe.zrem(layout.key(layout.unacked_index), tag)
+                pipe.hdel(layout.key(layout.unacked), tag)
+                _, removed = pipe.execute()
+        finally:
+            # Not refreshed any more: if the ack did not land, the message is restored
+            # after the visibility timeout instead of being held forever.
+            del self._held[tag]
         if not removed:
             self._warn_lost(action, tag)
 
@@ -592,10 +608,8 @@ class RedisTransport(Transport):
                     self._write_binding(client, exchange, routing_key, pattern, queue)
 
     def _refresh_claims(self, client: redis.Redis, now: float) -> None:
-        layout = self._layout
         with translate_errors("refreshing claims"):
-            changed = int(client.zadd(layout.key(layout.unacked_index),
-                                      dict.fromkeys(self._held, now), xx=True, ch=True) or 0)
+            changed = upkeep.refresh_claims(client, self._layout, self._held, now)
         self._refreshed_at = now
         if changed < len(self._held):
             logger.warning("%r: %d held message(s) lost their claim; another consumer may "
@@ -604,11 +618,8 @@ class RedisTransport(Transport):
     def _promote(self) -> None:
         client = self._redis()
         self._promoted_at = time.monotonic()
-        layout = self._layout
         with translate_errors("moving due delayed messages"):
-            self._scripts["promote"](keys=[layout.delayed_key],
-                                     args=[time.time(), _PROMOTE_BATCH, layout.prefix],
-                                     client=client)
+            upkeep.promote_delayed(client, self._layout, self._scripts["promote"])
 
     def restore_expired(self) -> int:
         """Give back messages held longer than ``visibility_timeout``; return how many.
@@ -617,53 +628,12 @@ class RedisTransport(Transport):
         each message is moved by a compare-and-move script, so at most once.
         """
         client = self._redis()
-        layout = self._layout
-        token = str(uuid.uuid4())
-        mutex = layout.key(layout.unacked_mutex)
         with translate_errors("restoring expired messages"):
-            if not client.set(mutex, token, nx=True, px=int(self._mutex_expire * 1000)):
-                return 0
-            try:
-                return self._restore_batch(client)
-            finally:
-                self._scripts["release"](keys=[mutex], args=[token], client=client)
-
-    def _restore_batch(self, client: redis.Redis) -> int:
-        layout = self._layout
-        ceiling = time.time() - self.visibility_timeout
-        found: list[bytes] = client.zrangebyscore(  # type: ignore[assignment]
-            layout.key(layout.unacked_index), "-inf", ceiling, start=0, num=self._restore_limit)
-        tags = [text(t) for t in found]
-        if not tags:
-            return 0
-        values = client.hmget(layout.key(layout.unacked), tags)
-        restored = 0
-        for tag, value in zip(tags, values, strict=True):
-            old = "" if value is None else text(value)
-            raw, keys = self._restore_target(client, old)
-            done = self._scripts["restore"](
-                keys=[layout.key(layout.unacked), layout.key(layout.unacked_index), *keys],
-                args=[tag, old, ceiling, mark_redelivered(raw)], client=client,
+            return upkeep.restore_expired(
+                client, self._layout, self._scripts, visibility_timeout=self.visibility_timeout,
+                limit=self._restore_limit, mutex_expire=self._mutex_expire,
+                exchange_types=self._exchange_types,
             )
-            if done:
-                restored += 1
-                logger.warning("%r: restored message %s to %d list(s): its holder did not "
-                               "keep it for %.0f s", self, tag, len(keys),
-                               self.visibility_timeout)
-        return restored
-
-    def _restore_target(self, client: redis.Redis, value: str) -> tuple[str, list[str]]:
-        """The envelope of an unacked value and the lists it goes back to."""
-        try:
-            raw_env, exchange, routing_key = json.loads(value)
-            raw = _dumps_compact(raw_env)
-            priority = decode_envelope(raw).priority
-        except (DecodeError, ValueError, TypeError):
-            return value, []  # unreadable: the script only drops the record
-        queues = [routing_key] if not exchange else self._route(client, exchange, routing_key)
-        layout = self._layout
-        step = layout.step(priority)
-        return raw, [layout.key(layout.list_name(q, step)) for q in queues]
 
     # -- administration -------------------------------------------------------------------
 
@@ -684,16 +654,3 @@ class RedisTransport(Transport):
             for key in self._layout.list_keys(queue_name):
                 pipe.llen(key)
             return sum(int(n) for n in pipe.execute())
-
-
-def _stored_envelope(value: str) -> str:
-    """The envelope JSON inside an ``unacked`` value ``[envelope, exchange, routing_key]``."""
-    try:
-        return _dumps_compact(json.loads(value)[0])
-    except (ValueError, IndexError, KeyError, TypeError):
-        return value
-
-
-def _dumps_compact(obj: Any) -> str:
-    # Plain json (no type tags decoded): the envelope goes back byte-for-byte equivalent.
-    return obj if isinstance(obj, str) else json.dumps(obj)

@@ -37,15 +37,27 @@ from .serialization import json_dumps, json_loads
 from .url import BrokerURL, parse_url
 
 __all__ = [
+    "BINDING_DEADLINES_KEY",
     "BINDING_PERMANENT_PREFIX",
     "BINDING_PREFIX",
     "DEFAULT_PRIORITY_STEPS",
     "DEFAULT_SEP",
+    "DELAYED_KEY",
+    "FANOUT_PREFIX",
+    "UNACKED_INDEX_KEY",
+    "UNACKED_KEY",
+    "UNACKED_MUTEX_KEY",
     "Decoded",
     "KeyLayout",
     "build_client",
+    "database_number",
     "decode_envelope",
     "encode_envelope",
+    "mark_redelivered",
+    "ordered",
+    "queue_expires",
+    "text",
+    "topic_pattern",
     "translate_errors",
 ]
 
@@ -87,7 +99,7 @@ class KeyLayout:
     prefix: str = ""
     sep: str = DEFAULT_SEP
     steps: tuple[int, ...] = DEFAULT_PRIORITY_STEPS
-    fanout_prefix: str = "/0."
+    fanout_prefix: str = FANOUT_PREFIX.format(db=0)
     fanout_patterns: bool = True
     unacked: str = UNACKED_KEY
     unacked_index: str = UNACKED_INDEX_KEY

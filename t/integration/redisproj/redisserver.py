@@ -25,7 +25,8 @@ def spare_port() -> int:
 class RedisServer:
     """Start, stop (SIGTERM) and restart one private redis-server."""
 
-    def __init__(self, directory: Path) -> None:
+    def __init__(self, directory: Path, *, unix_socket: bool = False,
+                 extra_args: tuple[str, ...] = ()) -> None:
         binary = shutil.which("redis-server")
         if binary is None:
             pytest.skip("!!! redis-server is not installed; tests that restart Redis are skipped")
@@ -33,6 +34,8 @@ class RedisServer:
         self.directory = directory
         self.port = spare_port()
         self.proc: subprocess.Popen[bytes] | None = None
+        self.socket_path = directory / "redis.sock" if unix_socket else None
+        self.extra_args = extra_args
 
     @property
     def url(self) -> str:
@@ -43,7 +46,9 @@ class RedisServer:
         self.proc = subprocess.Popen(
             [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--dir",
              str(self.directory), "--appendonly", "yes", "--appendfsync", "always",
-             "--save", "", "--protected-mode", "no"],
+             "--save", "", "--protected-mode", "no",
+             *(["--unixsocket", str(self.socket_path)] if self.socket_path else []),
+             *self.extra_args],
             stdout=log, stderr=subprocess.STDOUT,
         )
         deadline = time.monotonic() + 30
@@ -51,7 +56,7 @@ class RedisServer:
             try:
                 with socket.create_connection(("127.0.0.1", self.port), timeout=1) as sock:
                     sock.sendall(b"PING\r\n")
-                    if sock.recv(64).startswith(b"+PONG"):
+                    if sock.recv(64).startswith((b"+PONG", b"-NOAUTH")):
                         return
             except OSError:
                 pass

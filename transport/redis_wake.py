@@ -1,0 +1,122 @@
+"""Push wake-ups for an idle Redis consumer, without taking anything off a queue.
+
+The transport never BRPOPs (see ``taskframe.transport.redis``), so an idle consumer needs
+another way to learn that a list it consumes changed. Redis 6+ has one that needs no
+server configuration: client-side-caching invalidations in broadcasting mode. A
+dedicated RESP3 connection runs ``CLIENT TRACKING ON BCAST PREFIX <queue> ...`` and the
+server then pushes an invalidation message to it whenever any client writes a key
+starting with one of the prefixes: a Celery client's LPUSH, ours, a restore, a delayed
+message moving in. The consumer waits on that socket (and on the fanout subscription's)
+with ``select`` and claims as soon as something arrives. The invalidations carry no
+message, only a wake-up: missing one costs at most the safety-net poll interval.
+Pushes are on only while the consumer waits (``arm``/``disarm``): a busy consumer that
+does not read them would otherwise make them pile up in the server's memory.
+
+Servers without RESP3 or CLIENT TRACKING (Redis < 6, some proxies, ACLs without
+``client``) refuse the setup; ``Waker.open`` then returns ``None`` and the transport polls.
+"""
+
+from __future__ import annotations
+
+import logging
+import select
+import socket
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import redis
+import redis.connection
+
+__all__ = ["Waker", "wait_readable"]
+
+logger = logging.getLogger("taskframe.transport.redis")
+
+
+class Waker:
+    """One RESP3 connection subscribed to invalidations of keys under some prefixes."""
+
+    def __init__(self, connection: redis.connection.AbstractConnection,
+                 prefixes: Sequence[str]) -> None:
+        self.connection = connection
+        self.prefixes = list(prefixes)
+        self.armed = False
+
+    @classmethod
+    def open(cls, client: redis.Redis, prefixes: Iterable[str]) -> Waker | None:
+        """A waker for ``prefixes`` (overlapping ones are merged), armed; ``None`` if refused.
+
+        Raises:
+            redis.exceptions.ConnectionError: the server cannot be reached.
+        """
+        pool = client.connection_pool
+        kwargs: dict[str, Any] = {**pool.connection_kwargs, "protocol": 3}
+        waker = cls(pool.connection_class(**kwargs), _independent(prefixes))
+        try:
+            waker.connection.connect()  # type: ignore[no-untyped-call]
+            waker.arm()
+        except redis.exceptions.ResponseError as exc:
+            waker.close()
+            logger.info("Redis refused CLIENT TRACKING (%s): idle consumers poll instead", exc)
+            return None
+        except redis.exceptions.ConnectionError:
+            waker.close()
+            raise
+        return waker
+
+    def arm(self) -> None:
+        """Turn the pushes on (one round trip); no-op when they are on."""
+        if self.armed:
+            return
+        command: list[str] = ["CLIENT", "TRACKING", "ON", "BCAST"]
+        for prefix in self.prefixes:
+            command += ["PREFIX", prefix]
+        self.connection.send_command(*command)  # type: ignore[no-untyped-call]
+        self.connection.read_response()
+        self.armed = True
+
+    def disarm(self) -> None:
+        """Turn the pushes off while the consumer is busy, so none pile up in the server's
+        output buffer for this connection; no-op when they are off."""
+        if not self.armed:
+            return
+        self.connection.send_command(  # type: ignore[no-untyped-call]
+            "CLIENT", "TRACKING", "OFF")
+        self.connection.read_response()  # pushes read on the way are dropped
+        self.armed = False
+        self.drain()
+
+    def pending(self) -> bool:
+        """True when an invalidation is already buffered or readable."""
+        return bool(self.connection.can_read(timeout=0))
+
+    def drain(self) -> bool:
+        """Read every invalidation waiting now; True if there was any."""
+        woke = False
+        while self.connection.can_read(timeout=0):
+            self.connection.read_response(push_request=True)
+            woke = True
+        return woke
+
+    def socket(self) -> socket.socket | None:
+        return getattr(self.connection, "_sock", None)
+
+    def close(self) -> None:
+        self.connection.disconnect()  # type: ignore[no-untyped-call]
+
+
+def wait_readable(sockets: Sequence[socket.socket | None], timeout: float) -> bool:
+    """Wait up to ``timeout`` seconds until one of ``sockets`` is readable (or closed)."""
+    live = [s for s in sockets if s is not None]
+    if not live:
+        return False
+    readable, _, errored = select.select(live, [], live, max(timeout, 0.0))
+    return bool(readable or errored)
+
+
+def _independent(prefixes: Iterable[str]) -> list[str]:
+    """``prefixes`` without those that start with another one (Redis refuses overlaps)."""
+    kept: list[str] = []
+    for prefix in sorted(set(prefixes)):
+        if not any(prefix.startswith(other) for other in kept):
+            kept.append(prefix)
+    return kept
