@@ -161,10 +161,14 @@ class Consumer:
             return
         try:
             transport.ack_many([r.message for r in current])
+        except ConnectionLost:
+            raise
         except TransportError as exc:
-            logger.warning("could not ack %d message(s): %s", len(current), exc)
-            if isinstance(exc, ConnectionLost):
-                raise
+            logger.warning("could not ack %d message(s) at once (%s): one by one", len(current),
+                           exc)
+            for request in current:
+                self._settle(request, ACK)
+            return
         self.held -= len(current)
 
     def report(self, request: Request, action: str) -> None:
@@ -185,8 +189,8 @@ class Consumer:
         if message.transport is not self.connection.transport:
             # Received on a connection that has since dropped: the broker gives the
             # message back by itself, so settling it here would be wrong or impossible.
+            # (``_reconnect`` already took it out of ``held``.)
             logger.info("not settling %r: its connection was lost", request)
-            self.held -= 1
             message.state = MessageState.LOST
             return
         try:
@@ -293,12 +297,12 @@ class Consumer:
                 self._revoke_expired(request)
                 continue
             self.running += 1
+            self.active[request.id] = request
             self.pool.submit(lambda request=request: self._run(request))  # type: ignore[misc]
 
     def _run(self, request: Request) -> None:
         """The job: runs in a pool slot."""
         request.started = True
-        self.active[request.id] = request
         if not request.acks_late:
             self.report(request, ACK)
         try:
