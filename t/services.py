@@ -62,3 +62,16 @@ def redis_url(db: int = 0) -> str:
     """The shared Redis on loopback; use unique key names (or a key prefix) and clean up."""
     require_service("Redis", "127.0.0.1", 6379)
     return f"redis://127.0.0.1:6379/{db}"
+
+
+def redis_delete_prefix(db: int, prefix: str) -> int:
+    """Delete every key of Redis database ``db`` that starts with ``prefix``; return how many."""
+    import redis
+
+    client = redis.Redis(host="127.0.0.1", port=6379, db=db)
+    try:
+        pattern = "".join("\\" + c if c in "*?[]\\" else c for c in prefix) + "*"
+        keys = list(client.scan_iter(match=pattern, count=1000))
+        return int(client.delete(*keys)) if keys else 0
+    finally:
+        client.close()

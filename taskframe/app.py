@@ -22,6 +22,7 @@ import sys
 import threading
 import uuid
 import warnings
+import weakref
 from collections.abc import Callable, Iterable, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any, Concatenate, Literal, ParamSpec, TypeVar, overload
@@ -263,9 +264,14 @@ class Taskframe:
 
     def connection(self, url: str | None = None) -> Connection:
         """A new broker connection (not yet connected)."""
+        options = dict(self.conf.broker_transport_options or {})
+        if self.conf.broker_heartbeat is not None:
+            options.setdefault("heartbeat", float(self.conf.broker_heartbeat))
+        if self.conf.broker_use_ssl:
+            options.setdefault("ssl", self.conf.broker_use_ssl)
         return Connection(
             url or self.broker_url,
-            transport_options=dict(self.conf.broker_transport_options or {}),
+            transport_options=options,
             connect_timeout=float(self.conf.broker_connection_timeout or 4.0),
         )
 
@@ -276,7 +282,7 @@ class Taskframe:
             conn = self.connection(self.conf.broker_write_url or None)
             conn.ensure_connection(max_retries=self.conf.broker_connection_max_retries)
             self._local.connection = conn
-            self._local.declared = set()
+            self._local.declared = weakref.WeakKeyDictionary()
             with self._lock:
                 self._connections.append(conn)
         return conn
@@ -407,13 +413,15 @@ class Taskframe:
             policy["max_retries"] = 0
 
         def publish(transport: Any) -> None:
-            declared: set[str] = self._local.declared
+            # Declared once per transport: a reconnect brings a new transport, and the
+            # broker may have lost non-durable declarations with the old link.
+            declared = self._local.declared.setdefault(transport, set())
             if route.queue.name not in declared:
                 transport.declare(route.queue)
                 declared.add(route.queue.name)
-            supports_delay = transport.supports_delay
+            wait = bool(delay) and transport.can_delay(route.exchange, route.routing_key)
             transport.publish(envelope, exchange=route.exchange, routing_key=route.routing_key,
-                              delay=delay if supports_delay and delay else None)
+                              delay=delay if wait else None)
 
         conn.ensure(publish, policy)
         signals.after_task_publish.send(sender=message.name, body=body, headers=headers,

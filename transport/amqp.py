@@ -37,19 +37,26 @@ Features:
 
 Which destinations are delayed in the broker (option ``delayed_delivery``):
     ``"auto"`` (default): queues declared as quorum on this connection, as Celery
-    does. ``True``: every queue (classic ones too) declared on this connection or
-    reached through the default exchange. ``False``: none. A delayed publish to
-    any other destination is published at once and the consuming worker holds
-    it until due. ``supports_delay`` is True only when every queue declared on
-    this connection can be delayed (with ``"auto"``: all are quorum), so a worker
-    that consumes a classic queue keeps ETAs itself instead of handing them back
-    to a broker that would deliver them straight away.
+    does. ``True``: every queue declared on this connection, classic ones too,
+    and any queue named through the default exchange. ``False``: none. Through
+    a named exchange, a delay is used only when a declared delayable queue's
+    binding matches the routing key (the final hop is then bound for every queue
+    declared on that exchange); a delayed message nobody is bound for would be
+    dropped at the end of the ladder, where no publisher hears of it. A delayed
+    publish anywhere else is published at once and the consuming worker holds it
+    until due. ``supports_delay`` is a property here, not a class-wide flag: it
+    is True only when every queue declared on this connection can be delayed
+    (with ``"auto"``: all are quorum), so a worker that consumes a classic queue
+    keeps far ETAs itself instead of handing them back to a broker that would
+    deliver them straight away. ``can_delay(exchange, routing_key)`` answers
+    for one destination.
 
 URLs:
     ``amqp://user:password@host:port/vhost`` (defaults ``guest``/``guest``,
     ``localhost``, 5672, vhost ``/``; ``amqp://host//`` and ``amqp://host/``
     both name vhost ``/``), ``amqps://...`` (TLS, port 5671), ``pyamqp://``
-    (kombu's name, same as ``amqp://``).
+    (kombu's name, same as ``amqp://``). Query options ``heartbeat``,
+    ``connect_timeout`` and ``confirm_timeout`` override the transport options.
 
 Options (``transport_options``):
     ``connect_timeout`` (4.0 s), ``heartbeat`` (60.0 s, 0 = off), ``ssl``
@@ -76,6 +83,7 @@ import amqp
 from amqp import exceptions as amqp_errors
 
 from . import amqp_delayed as ndd
+from .amqp_messages import describe_error, from_amqp, to_amqp
 from .base import Envelope, Message, Transport
 from .entities import Exchange, Queue
 from .errors import (
@@ -86,6 +94,7 @@ from .errors import (
     PublishError,
     TransportError,
 )
+from .routing import topic_matches
 from .url import parse_url
 
 __all__ = ["AMQPTransport"]
@@ -104,28 +113,14 @@ DEFAULT_CONFIRM_TIMEOUT = 30.0
 DEFAULT_MAX_BATCH = 200
 MAX_PREFETCH = 65535  # basic.qos prefetch_count is a 16-bit field
 MAX_SHORTSTR = 255  # exchange names and routing keys are AMQP short strings
-PERSISTENT = 2
-TRANSIENT = 1
 QUEUE_TYPE_ARG = "x-queue-type"
 MAX_PRIORITY_ARG = "x-max-priority"
-# Headers RabbitMQ adds when dead-lettering; copied into a republish they make
-# RabbitMQ < 4.0.1 see a dead-letter cycle and drop the message.
-DEATH_HEADERS = frozenset({
-    "x-death",
-    "x-first-death-exchange",
-    "x-first-death-queue",
-    "x-first-death-reason",
-    "x-last-death-exchange",
-    "x-last-death-queue",
-    "x-last-death-reason",
-})
-BASIC_PROPERTIES = frozenset({
-    "delivery_mode", "priority", "correlation_id", "reply_to", "expiration",
-    "message_id", "timestamp", "type", "user_id", "app_id", "cluster_id",
-})
+_URL_OPTIONS = frozenset({"heartbeat", "connect_timeout", "confirm_timeout"})
 # poll() waits in slices this long at most, so heartbeats are serviced meanwhile.
+# A quarter of the heartbeat keeps two beats inside RabbitMQ's two-interval allowance.
 _WAIT_SLICE = 1.0
-_HEARTBEAT_EVERY = 1.0
+# While the prefetch bound is reached, poll() waits this long at most.
+_FULL_WAIT = 0.05
 
 # py-amqp's connection-level failures: the link is gone (or unusable).
 _LINK_ERRORS: tuple[type[BaseException], ...] = (
@@ -146,7 +141,8 @@ class AMQPTransport(Transport):
     def __init__(self, url: str, options: Mapping[str, Any] | None = None) -> None:
         super().__init__(url, options)
         parsed = parse_url(url)
-        opts = self.options
+        # URL query options (?heartbeat=30&connect_timeout=10) are the most specific.
+        opts = {**self.options, **{k: v for k, v in parsed.query.items() if k in _URL_OPTIONS}}
         tls = parsed.scheme == "amqps"
         self._host = parsed.host or "localhost"
         self._port = parsed.port or (DEFAULT_TLS_PORT if tls else DEFAULT_PORT)
@@ -156,6 +152,7 @@ class AMQPTransport(Transport):
         self._ssl: Any = opts.get("ssl", tls) or tls
         self._connect_timeout = float(opts.get("connect_timeout", DEFAULT_CONNECT_TIMEOUT))
         self._heartbeat = float(opts.get("heartbeat", DEFAULT_HEARTBEAT) or 0)
+        self._slice = min(_WAIT_SLICE, self._heartbeat / 4) if self._heartbeat else _WAIT_SLICE
         self._confirm_timeout = float(opts.get("confirm_timeout", DEFAULT_CONFIRM_TIMEOUT))
         self._max_batch = int(opts.get("max_batch", DEFAULT_MAX_BATCH))
         self._client_name = str(opts.get("client_name", "taskframe"))
@@ -190,7 +187,8 @@ class AMQPTransport(Transport):
         self._last_tick = 0.0
 
     def __repr__(self) -> str:
-        return f"<AMQPTransport amqp://{self._user}@{self._host}:{self._port}/{self._vhost}>"
+        scheme = "amqps" if self._ssl else "amqp"
+        return f"<AMQPTransport {scheme}://{self._user}@{self._host}:{self._port}/{self._vhost}>"
 
     # -- connection -------------------------------------------------------------------
 
@@ -218,9 +216,13 @@ class AMQPTransport(Transport):
             with contextlib.suppress(Exception):
                 conn.collect()
             self._pub = self._sub = None
-            raise BrokerConnectionError(f"cannot connect to {self!r}: {_describe(exc)}") from exc
+            raise BrokerConnectionError(
+                f"cannot connect to {self!r}: {describe_error(exc)}"
+            ) from exc
         self._conn = conn
         self._last_tick = time.monotonic()
+        beat = float(conn.heartbeat or 0)  # as negotiated with the broker
+        self._slice = min(_WAIT_SLICE, beat / 4) if beat else _WAIT_SLICE
 
     def close(self) -> None:
         conn, self._conn = self._conn, None
@@ -232,7 +234,7 @@ class AMQPTransport(Transport):
         try:
             conn.close()
         except (amqp_errors.AMQPError, *_LINK_ERRORS) as exc:
-            logger.debug("%r: error while closing: %s", self, _describe(exc))
+            logger.debug("%r: error while closing: %s", self, describe_error(exc))
             with contextlib.suppress(Exception):
                 conn.collect()
 
@@ -270,13 +272,13 @@ class AMQPTransport(Transport):
         except amqp_errors.ChannelError as exc:
             if channel_lost:
                 self._abandon()
-                raise ConnectionLost(f"{what}: {_describe(exc)}") from exc
-            raise refused(f"{what}: {_describe(exc)}") from exc
+                raise ConnectionLost(f"{what}: {describe_error(exc)}") from exc
+            raise refused(f"{what}: {describe_error(exc)}") from exc
         except amqp_errors.MessageNacked as exc:
             raise PublishError(f"{what}: the broker refused the message (nack)") from exc
         except _LINK_ERRORS as exc:
             self._abandon()
-            raise ConnectionLost(f"{what}: {_describe(exc)}") from exc
+            raise ConnectionLost(f"{what}: {describe_error(exc)}") from exc
 
     # -- topology -----------------------------------------------------------------------
 
@@ -355,33 +357,22 @@ class AMQPTransport(Transport):
         if not exchange:
             queue = self._queues.get(routing_key)
             return self._delay_mode is True or (queue is not None and self._delays(queue))
-        return any(self._delays(q) for q in self._queues_on(exchange))
+        # Only through bindings we know: a delayed message nobody is bound for would be
+        # dropped at the ladder's end, where no publisher hears of it.
+        return any(self._delays(q) for q in self._queues_on(exchange, routing_key))
 
-    def _queues_on(self, exchange: str) -> list[Queue]:
-        return [q for q in self._queues.values() if q.bound_exchange.name == exchange]
+    def _queues_on(self, exchange: str, routing_key: str | None = None) -> list[Queue]:
+        """Declared queues bound to ``exchange`` (that ``routing_key`` reaches, if given)."""
+        queues = [q for q in self._queues.values() if q.bound_exchange.name == exchange]
+        if routing_key is None:
+            return queues
+        return [q for q in queues if _reaches(q, routing_key)]
 
     def _declare_ladder(self) -> None:
         if self._ndd_ready:
             return
-        channel = self._pub
         with self._translate("declaring the delayed-delivery topology"):
-            for level in range(ndd.MAX_LEVEL, -1, -1):
-                name = ndd.level_name(level)
-                channel.exchange_declare(exchange=name, type="topic", durable=True,
-                                         auto_delete=False)
-                channel.queue_declare(
-                    queue=name, durable=True, exclusive=False, auto_delete=False,
-                    arguments=ndd.level_queue_arguments(level, self._level_queue_type),
-                )
-                park_key, _skip_key = ndd.level_bindings(level)
-                channel.queue_bind(queue=name, exchange=name, routing_key=park_key)
-            channel.exchange_declare(exchange=ndd.DELIVERY_EXCHANGE, type="topic",
-                                     durable=True, auto_delete=False)
-            for level in range(ndd.MAX_LEVEL, -1, -1):
-                _park_key, skip_key = ndd.level_bindings(level)
-                target = ndd.level_name(level - 1) if level else ndd.DELIVERY_EXCHANGE
-                channel.exchange_bind(destination=target, source=ndd.level_name(level),
-                                      routing_key=skip_key)
+            ndd.declare_ladder(self._pub, self._level_queue_type)
         self._ndd_ready = True
 
     def _bind_delayed(self, bindings: Sequence[tuple[str, str, str, str]]) -> None:
@@ -414,10 +405,9 @@ class AMQPTransport(Transport):
         if ndd.is_delay_exchange(exchange):
             self._declare_ladder()
         elif not exchange:
-            queue = self._queues.get(routing_key)
-            self._bind_delayed(ndd.destination_bindings(queue) if queue is not None
-                               else [ndd.direct_binding(routing_key)])
+            self._bind_delayed([ndd.direct_binding(routing_key)])
         else:
+            # Every queue we know on the exchange, classic ones too, so none misses it.
             for queue in self._queues_on(exchange):
                 self._bind_delayed(ndd.destination_bindings(queue))
         return ndd.FIRST_EXCHANGE, ndd.delayed_routing_key(seconds, routing_key)
@@ -444,7 +434,7 @@ class AMQPTransport(Transport):
             routing_key = ndd.undelayed_routing_key(routing_key)
         if len(routing_key.encode()) > MAX_SHORTSTR:
             raise PublishError(f"routing key longer than {MAX_SHORTSTR} bytes: {routing_key!r}")
-        message = _to_amqp(envelope)
+        message = to_amqp(envelope)
         what = f"publishing to exchange={exchange!r} routing_key={routing_key!r}"
         self._returned.clear()
         with self._translate(what, refused=PublishError):
@@ -457,7 +447,7 @@ class AMQPTransport(Transport):
             self._returned.clear()
             raise PublishError(
                 f"unroutable message: exchange={rexchange!r} routing_key={rkey!r} "
-                f"({_describe(error)})"
+                f"({describe_error(error)})"
             )
 
     def _on_return(self, error: Any, exchange: str, routing_key: str, _message: Any) -> None:
@@ -520,34 +510,8 @@ class AMQPTransport(Transport):
                 self._start_consumer(name)
 
     def _on_delivery(self, raw: Any) -> None:
-        info = raw.delivery_info
-        routing_key = info.get("routing_key") or ""
-        props = dict(raw.properties)
-        headers = props.pop("application_headers", None) or {}
-        content_type = props.pop("content_type", None) or "application/octet-stream"
-        content_encoding = props.pop("content_encoding", None) or "binary"
-        body = raw.body
-        if isinstance(body, str):
-            body = body.encode(content_encoding if content_encoding != "binary" else "utf-8")
-        self._buffer.append(Message(
-            self,
-            body=bytes(body),
-            delivery_tag=info["delivery_tag"],
-            content_type=content_type,
-            content_encoding=content_encoding,
-            headers=headers,
-            properties=props,
-            delivery_info={
-                "exchange": info.get("exchange", ""),
-                # Without the delay prefix: retries route by it, and must not stack it.
-                "routing_key": ndd.strip_delay_prefix(routing_key),
-                "delayed_routing_key": routing_key if ndd.has_delay_prefix(routing_key) else None,
-                "redelivered": bool(info.get("redelivered")),
-                "priority": int(props.get("priority") or 0),
-                "queue": self._tag_queue.get(info.get("consumer_tag", ""), ""),
-                "consumer_tag": info.get("consumer_tag"),
-            },
-        ))
+        queue = self._tag_queue.get(raw.delivery_info.get("consumer_tag", ""), "")
+        self._buffer.append(from_amqp(self, raw, queue))
 
     def poll(self, timeout: float | None = None) -> list[Message]:
         conn = self._require()
@@ -559,21 +523,24 @@ class AMQPTransport(Transport):
                 now = time.monotonic()
                 if deadline is not None and now >= deadline:
                     break
-                wait = _WAIT_SLICE if deadline is None else min(_WAIT_SLICE, deadline - now)
-                try:
-                    conn.drain_events(timeout=wait)
-                except TimeoutError:
-                    continue
+                wait = self._slice if deadline is None else min(self._slice, deadline - now)
                 if room <= 0:
-                    break  # the caller must settle first; don't sit on its loop
-            # Take in whatever else already arrived, without waiting.
-            while len(self._buffer) < room:
-                try:
-                    conn.drain_events(timeout=0)
-                except TimeoutError:
+                    wait = min(wait, _FULL_WAIT)  # the caller must settle first
+                with contextlib.suppress(TimeoutError):
+                    conn.drain_events(timeout=wait)
+                if room <= 0:
                     break
+            self._drain_pending(room)
             self._tick()
         return self._take(room)
+
+    def _drain_pending(self, limit: int) -> None:
+        """Take in up to ``limit`` frames that already arrived, without waiting."""
+        for _ in range(max(limit - len(self._buffer), 1)):
+            try:
+                self._conn.drain_events(timeout=0)
+            except TimeoutError:
+                return
 
     def _room(self) -> int:
         if self._prefetch <= 0:
@@ -590,7 +557,7 @@ class AMQPTransport(Transport):
 
     def _tick(self) -> None:
         now = time.monotonic()
-        if self._heartbeat and now - self._last_tick >= _HEARTBEAT_EVERY:
+        if now - self._last_tick >= self._slice:
             self._last_tick = now
             self._conn.heartbeat_tick()
 
@@ -617,7 +584,10 @@ class AMQPTransport(Transport):
     def maintain(self) -> None:
         if self._conn is None:
             return
-        with self._translate("servicing heartbeats"):
+        with self._translate("servicing heartbeats", channel_lost=True):
+            # Read what waits (the broker's heartbeats count only once read; deliveries
+            # go to the buffer for the next poll), then send ours if due.
+            self._drain_pending(self._max_batch)
             self._last_tick = 0.0
             self._tick()
 
@@ -660,33 +630,11 @@ class AMQPTransport(Transport):
         self._exchanges.discard(exchange_name)
 
 
-def _to_amqp(envelope: Envelope) -> Any:
-    properties = {
-        key: value for key, value in envelope.properties.items()
-        if key in BASIC_PROPERTIES and value is not None
-    }
-    mode = properties.get("delivery_mode", PERSISTENT)
-    if isinstance(mode, str):
-        mode = TRANSIENT if mode.lower() == "transient" else PERSISTENT
-    properties["delivery_mode"] = int(mode)
-    if "expiration" in properties:
-        properties["expiration"] = str(properties["expiration"])
-    if "priority" in properties:
-        properties["priority"] = int(properties["priority"])
-    headers = {k: v for k, v in envelope.headers.items() if k not in DEATH_HEADERS}
-    return amqp.Message(
-        envelope.body,
-        content_type=envelope.content_type,
-        content_encoding=envelope.content_encoding,
-        application_headers=headers,
-        **properties,
-    )
-
-
-def _describe(exc: BaseException) -> str:
-    """RabbitMQ's reply (``406 PRECONDITION_FAILED - ...``) or the error's text."""
-    reply = getattr(exc, "reply_text", None)
-    code = getattr(exc, "code", None)
-    if reply:
-        return f"{code} {reply}" if code else str(reply)
-    return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+def _reaches(queue: Queue, routing_key: str) -> bool:
+    """Whether a message with ``routing_key`` on the queue's exchange reaches ``queue``."""
+    kind = queue.bound_exchange.type
+    if kind == "fanout":
+        return True
+    if kind == "topic":
+        return topic_matches(queue.bound_routing_key, routing_key)
+    return kind == "direct" and queue.bound_routing_key == routing_key

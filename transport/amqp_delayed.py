@@ -40,6 +40,7 @@ __all__ = [
     "FIRST_EXCHANGE",
     "LEVELS",
     "MAX_DELAY",
+    "declare_ladder",
     "delayed_routing_key",
     "destination_bindings",
     "has_delay_prefix",
@@ -141,3 +142,23 @@ def destination_bindings(queue: Queue) -> list[tuple[str, str, str, str]]:
 def direct_binding(queue_name: str) -> tuple[str, str, str, str]:
     """The final-hop binding for a queue reached through the default exchange."""
     return ("queue", queue_name, DELIVERY_EXCHANGE, _EXACT_PREFIX + queue_name)
+
+
+def declare_ladder(channel: Any, queue_type: str = DEFAULT_LEVEL_QUEUE_TYPE) -> None:
+    """Declare the 28 levels and the delivery exchange on a py-amqp ``channel``.
+
+    Idempotent, and equivalent to Celery's declarations, so either side may go first.
+    """
+    for level in range(MAX_LEVEL, -1, -1):
+        name = level_name(level)
+        channel.exchange_declare(exchange=name, type="topic", durable=True, auto_delete=False)
+        channel.queue_declare(queue=name, durable=True, exclusive=False, auto_delete=False,
+                              arguments=level_queue_arguments(level, queue_type))
+        park_key, _skip_key = level_bindings(level)
+        channel.queue_bind(queue=name, exchange=name, routing_key=park_key)
+    channel.exchange_declare(exchange=DELIVERY_EXCHANGE, type="topic", durable=True,
+                             auto_delete=False)
+    for level in range(MAX_LEVEL, -1, -1):
+        _park_key, skip_key = level_bindings(level)
+        target = level_name(level - 1) if level else DELIVERY_EXCHANGE
+        channel.exchange_bind(destination=target, source=level_name(level), routing_key=skip_key)

@@ -255,6 +255,14 @@ class Transport(abc.ABC):
             ConnectionLost: the link dropped; the message may not have arrived.
         """
 
+    def can_delay(self, exchange: str, routing_key: str) -> bool:
+        """Whether ``publish(delay=...)`` to this destination waits in the broker.
+
+        The default is ``supports_delay``; a transport whose delays depend on the
+        queue (AMQP: quorum queues only, unless forced) answers per destination.
+        """
+        return self.supports_delay
+
     # -- consuming --------------------------------------------------------------------
 
     @abc.abstractmethod

@@ -125,14 +125,20 @@ def fleet(tmp_path: Path) -> Iterator[Fleet]:
 
 
 @pytest.mark.slow
-def test_2000_tasks_survive_a_forced_close_of_the_workers_connection(fleet: Fleet) -> None:
+@pytest.mark.parametrize("pool", [["-P", "solo"], ["-P", "threads", "-c", "4"]],
+                         ids=["solo", "threads"])
+def test_2000_tasks_survive_a_forced_close_of_the_workers_connection(
+    fleet: Fleet, pool: list[str],
+) -> None:
     aproj = fleet.client()
     for n in range(2000):
-        aproj.record.delay(n)
+        aproj.record.delay(n, 0.01)  # long enough a run for the close to land mid-way
     aproj.app.close()
-    worker = fleet.start_worker("-P", "solo")
+    worker = fleet.start_worker(*pool)
     _wait_until(lambda: len(fleet.lines()) >= 300, 120, "the first 300 runs")
     assert amqp_admin.close_connections(fleet.prefix) >= 1
+    done_at_close = len(fleet.lines())
+    assert done_at_close < 2000, "the close came too late to test anything"
     _wait_until(lambda: len({line.split()[0] for line in fleet.lines()}) >= 2000, 300,
                 "2,000 distinct task runs")
     time.sleep(1.0)  # any late duplicate would land now
@@ -143,6 +149,8 @@ def test_2000_tasks_survive_a_forced_close_of_the_workers_connection(fleet: Flee
     # broker closed the link comes back. Every extra run must be such a broker redelivery.
     extra = [n for n, count in runs.items() if count > 1]
     redelivered = {int(n) for n, _pid, flag in lines if flag == "1"}
+    print(f"{len(lines)} runs, {done_at_close} before the close, {len(extra)} run twice, "
+          f"{len(redelivered)} redelivered")
     assert set(extra) <= redelivered, (extra, sorted(redelivered))
     assert all(runs[n] == 2 for n in extra)
     log = fleet.log_text()

@@ -389,6 +389,9 @@ def test_unreachable_broker_and_dropped_link(rabbit: Rabbit) -> None:
     assert not isinstance(info.value, ConnectionLost)
     with pytest.raises(BrokerConnectionError, match="ACCESS_REFUSED"):
         AMQPTransport("amqp://guest:wrong@127.0.0.1:5672//", {}).connect()
+    with pytest.raises(BrokerConnectionError, match="SSL"):
+        # amqps:// really speaks TLS (here to a plain listener, so the handshake fails).
+        AMQPTransport("amqps://guest:guest@127.0.0.1:5672//", {"connect_timeout": 5}).connect()
     name = f"tf-test-{uuid.uuid4().hex}"
     t = rabbit.make(client_name=name)
     q = rabbit.queue()
@@ -414,3 +417,55 @@ def test_connection_recovers_through_ensure(rabbit: Rabbit) -> None:
         assert conn.transport.queue_size(q.name) == 1
     finally:
         conn.close()
+
+
+def test_a_negative_confirm_raises(rabbit: Rabbit) -> None:
+    t = rabbit.make()
+    q = rabbit.queue(arguments={"x-max-length": 1, "x-overflow": "reject-publish"})
+    t.declare(q)
+    t.publish(env(1), exchange="", routing_key=q.name)
+    with pytest.raises(PublishError, match="nack"):
+        t.publish(env(2), exchange="", routing_key=q.name)
+    assert t.queue_size(q.name) == 1
+
+
+def test_heartbeats_keep_an_idle_connection_alive(rabbit: Rabbit) -> None:
+    # A 2 s heartbeat: RabbitMQ drops a peer that stays silent for two intervals, and
+    # this test stays idle for longer than that.
+    polling = rabbit.make(heartbeat=2)
+    maintaining = rabbit.make(heartbeat=2)
+    q = rabbit.queue()
+    polling.declare(q)
+    polling.consume([q])
+    maintaining.declare(q)
+    for _ in range(8):
+        assert polling.poll(1.0) == []
+        maintaining.maintain()  # the worker calls this every second
+    publisher = rabbit.make()
+    publisher.publish(env(1), exchange="", routing_key=q.name)
+    (message,) = poll_until(polling, 1)
+    message.ack()
+    assert maintaining.queue_size(q.name) == 0
+    assert polling.connected and maintaining.connected
+
+
+def test_delays_only_go_where_a_binding_brings_them_back(rabbit: Rabbit) -> None:
+    t = rabbit.make()
+    topic = Exchange(rabbit.name("x"), "topic")
+    q = Queue(rabbit.name(), topic, "work.*", queue_type="quorum")
+    classic = Queue(rabbit.name(), topic, "work.#")
+    t.declare(q)
+    t.declare(classic)
+    t.publish(env(1), exchange="", routing_key=q.name, delay=1)  # by name, not by pattern
+    t.publish(env(2), exchange=topic.name, routing_key="work.x", delay=1)
+    with pytest.raises(PublishError, match="unroutable"):
+        # No declared binding matches, so no delay: sent now, and nobody takes it.
+        t.publish(env(3), exchange=topic.name, routing_key="play.x", delay=1)
+    t.consume([q, classic])
+    got = poll_until(t, 3)
+    assert sorted((m.delivery_info["queue"], m.headers["n"]) for m in got) == sorted(
+        [(q.name, 1), (q.name, 2), (classic.name, 2)]
+    )
+    for m in got:
+        assert m.delivery_info["exchange"].startswith("celery_delayed_")
+        m.ack()

@@ -227,7 +227,7 @@ class Consumer:
         if request.expired():
             return self._revoke_expired(request)
         delay = request.eta_delay()
-        if delay > LOCAL_ETA_WINDOW and self.connection.transport.supports_delay:
+        if delay > LOCAL_ETA_WINDOW and self._can_defer(message):
             return self._defer(request, delay)
         if delay > 0:
             heapq.heappush(self.timers, (time.monotonic() + delay, next(self._seq), request))
@@ -273,13 +273,15 @@ class Consumer:
                                   terminated=False, signum=None, expired=True)
         self._settle(request, ACK)
 
+    def _can_defer(self, message: Message) -> bool:
+        exchange, routing_key = _origin(message)
+        return bool(routing_key) and self.connection.transport.can_delay(exchange, routing_key)
+
     def _defer(self, request: Request, delay: float) -> None:
         """Give a far-future ETA message back to the broker, delayed; then ack the original."""
-        transport = self.connection.transport
-        info = request.message.delivery_info
-        transport.publish(request.message.to_envelope(), exchange=info.get("exchange") or "",
-                          routing_key=info.get("routing_key") or request.message.delivery_info.get(
-                              "queue", ""), delay=delay)
+        exchange, routing_key = _origin(request.message)
+        self.connection.transport.publish(request.message.to_envelope(), exchange=exchange,
+                                          routing_key=routing_key, delay=delay)
         self._settle(request, ACK)
 
     # -- running ----------------------------------------------------------------------
@@ -399,3 +401,16 @@ class Consumer:
         """Numbers for logs and ``inspect stats``."""
         return {"held": self.held, "running": self.running, "reserved": len(self.reserved),
                 "scheduled": len(self.timers), "processed": self.processed}
+
+
+def _origin(message: Message) -> tuple[str, str]:
+    """Where to send a message again so it reaches the queue it came from.
+
+    The queue itself through the default exchange when the transport says which
+    queue it was; otherwise the exchange and routing key it was published with.
+    """
+    info = message.delivery_info
+    queue = info.get("queue")
+    if queue:
+        return "", str(queue)
+    return str(info.get("exchange") or ""), str(info.get("routing_key") or "")

@@ -205,7 +205,13 @@ def publish_retry(task: Task[Any, Any], request: Context, args: Sequence[Any] | 
                   kwargs: dict[str, Any] | None, *, eta: datetime | None,
                   countdown: float | None, **options: Any) -> None:
     """Send the next run of a retried task: same id, ``retries + 1``, same embed."""
-    queue = options.pop("queue", None) or request.delivery_info.get("routing_key") or None
+    info = request.delivery_info
+    queue = options.pop("queue", None) or info.get("queue")
+    if not queue and not info.get("exchange"):
+        queue = info.get("routing_key")  # the default exchange routes by queue name
+    if not queue and info.get("exchange"):
+        options.setdefault("exchange", info["exchange"])
+        options.setdefault("routing_key", info.get("routing_key"))
     task.app.send_task(
         task.name,
         list(request.args if args is None else args),

@@ -11,6 +11,7 @@ APROJ_RECORD: a file every ``record`` run appends one line to.
 from __future__ import annotations
 
 import os
+import time
 from typing import Any
 
 from taskframe import Taskframe
@@ -32,6 +33,8 @@ def queues_from(spec: str) -> list[Queue]:
 
 
 app = Taskframe("aproj")
+app.conf.broker_url = os.environ["TASKFRAME_BROKER_URL"]
+app.conf.result_backend = os.environ.get("TASKFRAME_RESULT_BACKEND") or None
 _queues = queues_from(os.environ.get("APROJ_QUEUES", ""))
 if _queues:
     app.conf.task_queues = _queues
@@ -53,8 +56,10 @@ def _record(line: str) -> None:
 
 
 @app.task(bind=True, ignore_result=True, name="aproj.record")
-def record(self: Any, n: int) -> int:
+def record(self: Any, n: int, pause: float = 0.0) -> int:
     """Append ``n``, this worker's pid and whether the broker redelivered it."""
+    if pause:
+        time.sleep(pause)
     _record(f"{n} {os.getpid()} {int(bool(self.request.delivery_info.get('redelivered')))}")
     return n
 
