@@ -172,3 +172,43 @@ def test_worker_exits_non_zero_when_the_broker_is_unreachable(tmp_path: Path) ->
     assert code != 0, log
     assert "Cannot connect to the broker amqp://guest:**@127.0.0.1:1//" in log, log
     assert "Giving up" in log, log
+
+
+def _rabbitmqctl(*args: str) -> None:
+    subprocess.run(["rabbitmqctl", "-q", *args], check=True, timeout=120,
+                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+@pytest.mark.slow
+def test_2000_tasks_survive_a_broker_stop_and_start(fleet: Fleet) -> None:
+    """``rabbitmqctl stop_app; start_app`` mid-run: every task completes, the worker says so.
+
+    This cuts every client of the shared broker for a few seconds: CI runs the suite in one
+    process, so nothing else is running then.
+    """
+    aproj = fleet.client()
+    for n in range(2000):
+        aproj.record.delay(n, 0.005)
+    aproj.app.close()
+    worker = fleet.start_worker("-P", "threads", "-c", "4")
+    _wait_until(lambda: len(fleet.lines()) >= 300, 120, "the first 300 runs")
+    try:
+        _rabbitmqctl("stop_app")
+        done_at_stop = len(fleet.lines())
+        time.sleep(2.0)
+    finally:
+        _rabbitmqctl("start_app")
+        _rabbitmqctl("await_startup")
+    assert done_at_stop < 2000, "the stop came too late to test anything"
+    _wait_until(lambda: len({line.split()[0] for line in fleet.lines()}) >= 2000, 300,
+                "2,000 distinct task runs")
+    lines = [line.split() for line in fleet.lines()]
+    runs = collections.Counter(int(n) for n, _pid, _redelivered in lines)
+    assert sorted(runs) == list(range(2000)), fleet.log_text()
+    extra = [n for n, count in runs.items() if count > 1]
+    redelivered = {int(n) for n, _pid, flag in lines if flag == "1"}
+    assert set(extra) <= redelivered, (extra, sorted(redelivered))
+    log = fleet.log_text()
+    assert "Connection to broker lost" in log and "Reconnected to" in log, log
+    fleet.stop()
+    assert worker.returncode == 0, fleet.log_text()
