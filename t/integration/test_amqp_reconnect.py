@@ -9,8 +9,6 @@ that share the broker.
 from __future__ import annotations
 
 import collections
-import os
-import signal
 import subprocess
 import sys
 import time
@@ -21,6 +19,7 @@ from typing import Any
 
 import pytest
 import services
+from workers import ProjectImport, WorkerProcs, read_lines, wait_until
 
 PROJ_DIR = Path(__file__).parent / "amqpproj"
 sys.path.insert(0, str(PROJ_DIR))
@@ -31,15 +30,6 @@ from taskframe.transport.amqp import AMQPTransport  # noqa: E402
 pytestmark = pytest.mark.rabbitmq
 
 
-def _wait_until(predicate: Any, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.1)
-    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-
-
 class Fleet:
     """Worker subprocesses of ``aproj`` and the client app in this process."""
 
@@ -47,65 +37,36 @@ class Fleet:
         self.prefix = f"tfr{uuid.uuid4().hex[:8]}"
         self.record = tmp_path / "record.txt"
         self.env = {
-            **os.environ,
             "TASKFRAME_BROKER_URL": broker,
             "APROJ_QUEUES": queues,
             "APROJ_PREFIX": self.prefix,
             "APROJ_RECORD": str(self.record),
-            "PYTHONPATH": os.pathsep.join([str(PROJ_DIR), os.environ.get("PYTHONPATH", "")]),
             **env,
         }
-        self.env.pop("TASKFRAME_RESULT_BACKEND", None)
-        self.procs: list[subprocess.Popen[bytes]] = []
-        self.logs: list[Path] = []
-        self.tmp_path = tmp_path
+        self.workers = WorkerProcs(PROJ_DIR, "aproj", self.env, tmp_path)
+        self.workers.env.pop("TASKFRAME_RESULT_BACKEND", None)
+        self.project: ProjectImport | None = None
 
     def client(self) -> Any:
-        """The ``aproj`` app, imported with this fleet's environment."""
-        saved = {k: os.environ.get(k) for k in ("TASKFRAME_BROKER_URL", "APROJ_QUEUES",
-                                               "APROJ_PREFIX")}
-        os.environ.update({k: self.env[k] for k in saved})
-        try:
-            sys.modules.pop("aproj", None)
-            import aproj
-        finally:
-            for key, value in saved.items():
-                if value is None:
-                    os.environ.pop(key, None)
-                else:
-                    os.environ[key] = value
-        return aproj
+        """The ``aproj`` module, imported with this fleet's environment."""
+        if self.project is None:
+            self.project = ProjectImport(PROJ_DIR, "aproj", self.env)
+        return self.project.module
 
     def start_worker(self, *args: str) -> subprocess.Popen[bytes]:
-        log = self.tmp_path / f"worker{len(self.procs)}.log"
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "taskframe", "-A", "aproj", "worker", "-l", "INFO",
-             "-n", f"w{len(self.procs)}@%h", *args],
-            env=self.env, cwd=PROJ_DIR, stdout=log.open("wb"), stderr=subprocess.STDOUT,
-        )
-        self.procs.append(proc)
-        self.logs.append(log)
-        return proc
+        return self.workers.start(*args)
 
     def lines(self) -> list[str]:
-        return self.record.read_text().splitlines() if self.record.exists() else []
+        return read_lines(self.record)
 
     def stop(self) -> None:
-        for proc in self.procs:
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-        for proc in self.procs:
-            try:
-                proc.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-        mod = sys.modules.pop("aproj", None)
-        if mod is not None:
-            mod.app.close()
+        self.workers.stop()
+        if self.project is not None:
+            self.project.close()
+            self.project = None
 
     def log_text(self) -> str:
-        return "\n".join(f"--- {p.name}\n{p.read_text()}" for p in self.logs if p.exists())
+        return self.workers.log_text()
 
 
 @pytest.fixture
@@ -135,11 +96,11 @@ def test_2000_tasks_survive_a_forced_close_of_the_workers_connection(
         aproj.record.delay(n, 0.01)  # long enough a run for the close to land mid-way
     aproj.app.close()
     worker = fleet.start_worker(*pool)
-    _wait_until(lambda: len(fleet.lines()) >= 300, 120, "the first 300 runs")
+    wait_until(lambda: len(fleet.lines()) >= 300, 120, "the first 300 runs")
     assert amqp_admin.close_connections(fleet.prefix) >= 1
     done_at_close = len(fleet.lines())
     assert done_at_close < 2000, "the close came too late to test anything"
-    _wait_until(lambda: len({line.split()[0] for line in fleet.lines()}) >= 2000, 300,
+    wait_until(lambda: len({line.split()[0] for line in fleet.lines()}) >= 2000, 300,
                 "2,000 distinct task runs")
     time.sleep(1.0)  # any late duplicate would land now
     lines = [line.split() for line in fleet.lines()]
@@ -191,7 +152,7 @@ def test_2000_tasks_survive_a_broker_stop_and_start(fleet: Fleet) -> None:
         aproj.record.delay(n, 0.005)
     aproj.app.close()
     worker = fleet.start_worker("-P", "threads", "-c", "4")
-    _wait_until(lambda: len(fleet.lines()) >= 300, 120, "the first 300 runs")
+    wait_until(lambda: len(fleet.lines()) >= 300, 120, "the first 300 runs")
     try:
         _rabbitmqctl("stop_app")
         done_at_stop = len(fleet.lines())
@@ -200,7 +161,7 @@ def test_2000_tasks_survive_a_broker_stop_and_start(fleet: Fleet) -> None:
         _rabbitmqctl("start_app")
         _rabbitmqctl("await_startup")
     assert done_at_stop < 2000, "the stop came too late to test anything"
-    _wait_until(lambda: len({line.split()[0] for line in fleet.lines()}) >= 2000, 300,
+    wait_until(lambda: len({line.split()[0] for line in fleet.lines()}) >= 2000, 300,
                 "2,000 distinct task runs")
     lines = [line.split() for line in fleet.lines()]
     runs = collections.Counter(int(n) for n, _pid, _redelivered in lines)

@@ -8,7 +8,6 @@ restart test runs its own ``redis-server`` on a spare port.
 from __future__ import annotations
 
 import collections
-import os
 import signal
 import subprocess
 import sys
@@ -16,84 +15,47 @@ import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 import redis
 import services
-
-from taskframe import Taskframe
+from workers import ProjectImport, WorkerProcs, read_lines, wait_until
 
 PROJ_DIR = Path(__file__).parent / "redisproj"
 sys.path.insert(0, str(PROJ_DIR))
 from redisserver import RedisServer  # noqa: E402
 
 
-def _wait_until(predicate: Any, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.1)
-    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-
-
 class Fleet:
-    """Starts workers of ``rproj`` as subprocesses and the client app in this process."""
+    """Workers of ``rproj`` as subprocesses, and ``rproj`` imported here as the client."""
 
     def __init__(self, tmp_path: Path, broker: str, visibility_timeout: float) -> None:
         self.prefix = f"tfw{uuid.uuid4().hex[:8]}."
         self.broker = broker
         self.record = tmp_path / "record.txt"
-        self.env = {
-            **os.environ,
+        env = {
             "TASKFRAME_BROKER_URL": broker,
             "RPROJ_RECORD": str(self.record),
             "RPROJ_PREFIX": self.prefix,
             "RPROJ_VISIBILITY_TIMEOUT": str(visibility_timeout),
-            "PYTHONPATH": os.pathsep.join([str(PROJ_DIR), os.environ.get("PYTHONPATH", "")]),
         }
-        self.env.pop("TASKFRAME_RESULT_BACKEND", None)
-        self.procs: list[subprocess.Popen[bytes]] = []
-        self.logs: list[Path] = []
-        self.tmp_path = tmp_path
-        os.environ["TASKFRAME_BROKER_URL"] = broker
-        os.environ["RPROJ_PREFIX"] = self.prefix
-        os.environ["RPROJ_VISIBILITY_TIMEOUT"] = str(visibility_timeout)
-        sys.modules.pop("rproj", None)
-        import rproj
-
-        self.module = rproj
-        self.app: Taskframe = rproj.app
+        self.workers = WorkerProcs(PROJ_DIR, "rproj", env, tmp_path)
+        self.workers.env.pop("TASKFRAME_RESULT_BACKEND", None)
+        self.procs = self.workers.procs
+        self.project: ProjectImport | None = ProjectImport(PROJ_DIR, "rproj", env)
+        self.module = self.project.module
 
     def start_worker(self, *args: str) -> subprocess.Popen[bytes]:
-        log = self.tmp_path / f"worker{len(self.procs)}.log"
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "taskframe", "-A", "rproj", "worker", "-l", "INFO",
-             "-n", f"w{len(self.procs)}@%h", *args],
-            env=self.env, cwd=PROJ_DIR, stdout=log.open("wb"), stderr=subprocess.STDOUT,
-        )
-        self.procs.append(proc)
-        self.logs.append(log)
-        return proc
+        return self.workers.start(*args)
 
     def lines(self) -> list[str]:
-        return self.record.read_text().splitlines() if self.record.exists() else []
+        return read_lines(self.record)
 
     def stop(self) -> None:
-        for proc in self.procs:
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-        for proc in self.procs:
-            try:
-                proc.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-        self.app.close()
-        sys.modules.pop("rproj", None)
-        for key in ("TASKFRAME_BROKER_URL", "RPROJ_PREFIX", "RPROJ_VISIBILITY_TIMEOUT"):
-            os.environ.pop(key, None)
+        self.workers.stop()
+        if self.project is not None:
+            self.project.close()
+            self.project = None
 
     def delete_keys(self) -> None:
         client = redis.Redis.from_url(self.broker)
@@ -103,7 +65,7 @@ class Fleet:
         client.close()
 
     def log_text(self) -> str:
-        return "\n".join(f"--- {p.name}\n{p.read_text()}" for p in self.logs if p.exists())
+        return self.workers.log_text()
 
 
 @pytest.fixture
@@ -124,7 +86,7 @@ def test_countdown_beyond_the_visibility_timeout_runs_exactly_once(fleet: Fleet)
     for _ in range(3):
         fleet.start_worker("-P", "threads", "-c", "2")
     fleet.module.record.apply_async((1,), countdown=10)
-    _wait_until(lambda: len(fleet.lines()) >= 1, 90, "the countdown task to run")
+    wait_until(lambda: len(fleet.lines()) >= 1, 90, "the countdown task to run")
     time.sleep(6.0)  # three visibility timeouts: a second run would land now
     assert fleet.lines()[0].split()[0] == "1"
     assert len(fleet.lines()) == 1, fleet.log_text()
@@ -137,7 +99,7 @@ def test_late_ack_task_longer_than_the_visibility_timeout_runs_exactly_once(
     for _ in range(3):
         fleet.start_worker("-P", "threads", "-c", "2")
     fleet.module.slow_record.delay(8, 8.0)
-    _wait_until(lambda: any(line.startswith("end 8") for line in fleet.lines()), 90,
+    wait_until(lambda: any(line.startswith("end 8") for line in fleet.lines()), 90,
                 "the 8 s task to finish")
     time.sleep(4.0)  # two visibility timeouts after the ack
     starts = [line for line in fleet.lines() if line.startswith("start 8")]
@@ -150,12 +112,12 @@ def test_kill_9_of_a_late_ack_holder_hands_its_tasks_to_another_worker(fleet: Fl
     for n in range(3):
         fleet.module.slow_record.delay(n, 3.0)
     victim = fleet.start_worker("-P", "threads", "-c", "4")
-    _wait_until(lambda: len([ln for ln in fleet.lines() if ln.startswith("start")]) >= 3, 60,
+    wait_until(lambda: len([ln for ln in fleet.lines() if ln.startswith("start")]) >= 3, 60,
                 "the first worker to start all three tasks")
     victim.send_signal(signal.SIGKILL)
     victim.wait()
     fleet.start_worker("-P", "threads", "-c", "4")
-    _wait_until(lambda: len([ln for ln in fleet.lines() if ln.startswith("end")]) >= 3, 90,
+    wait_until(lambda: len([ln for ln in fleet.lines() if ln.startswith("end")]) >= 3, 90,
                 "the three tasks to finish elsewhere")
     ends = [line.split() for line in fleet.lines() if line.startswith("end")]
     assert sorted(int(e[1]) for e in ends) == [0, 1, 2], fleet.log_text()
@@ -173,13 +135,13 @@ def test_redis_restart_with_2000_tasks_in_flight_loses_none(tmp_path: Path) -> N
             record.delay(n)
         fleet.start_worker("-P", "threads", "-c", "4")
         fleet.start_worker("-P", "threads", "-c", "4")
-        _wait_until(lambda: len(fleet.lines()) >= 200, 120, "the first 200 runs")
+        wait_until(lambda: len(fleet.lines()) >= 200, 120, "the first 200 runs")
         server.restart()
-        _wait_until(lambda: len(set(_runs(fleet.lines()))) >= 2000, 300,
+        wait_until(lambda: len(set(_runs(fleet.lines()))) >= 2000, 300,
                     "every one of the 2,000 tasks to run")
         for n in range(2000, 2100):
             record.delay(n)
-        _wait_until(lambda: len(set(_runs(fleet.lines()))) >= 2100, 120,
+        wait_until(lambda: len(set(_runs(fleet.lines()))) >= 2100, 120,
                     "the 100 tasks sent after the restart")
         assert sorted(_runs(fleet.lines())) == list(range(2100)), fleet.log_text()[-5000:]
         fleet.stop()
