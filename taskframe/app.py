@@ -280,7 +280,16 @@ class Taskframe:
         conn: Connection | None = getattr(self._local, "connection", None)
         if conn is None:
             conn = self.connection(self.conf.broker_write_url or None)
-            conn.ensure_connection(max_retries=self.conf.broker_connection_max_retries)
+            # A client gives up as a publish would: task_publish_retry_policy, not the
+            # worker's broker_connection_max_retries (which may be 100 long backoffs).
+            policy = {**self.conf.task_publish_retry_policy}
+            conn.ensure_connection(
+                max_retries=int(policy.get("max_retries", 3)) if self.conf.task_publish_retry
+                else 0,
+                interval_start=float(policy.get("interval_start", 0.0)),
+                interval_step=float(policy.get("interval_step", 0.2)),
+                interval_max=float(policy.get("interval_max", 1.0)),
+            )
             self._local.connection = conn
             self._local.declared = weakref.WeakKeyDictionary()
             with self._lock:

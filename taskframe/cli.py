@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import logging
 import os
 import sys
 from typing import Any, NoReturn
@@ -88,6 +89,9 @@ class Context:
     """What the group options leave for the subcommands."""
 
     def __init__(self, app_spec: str | None, broker: str | None, backend: str | None) -> None:
+        if not _is_worker_command():
+            # Client commands answer with one line; retry chatter stays out of it.
+            logging.getLogger("taskframe").setLevel(logging.ERROR)
         self.app_spec = app_spec
         self.broker = broker
         self.backend = backend
@@ -267,6 +271,11 @@ def cleanup(ctx: Context) -> None:
     except (TaskframeError, TransportError) as exc:
         fail(f"{type(exc).__name__}: {exc}", EX_UNAVAILABLE)
     click.echo(f"Deleted {removed} expired result{'s' if removed != 1 else ''}.")
+
+
+def _is_worker_command() -> bool:
+    ctx = click.get_current_context(silent=True)
+    return ctx is not None and ctx.invoked_subcommand == "worker"
 
 
 def _split(value: str | None) -> list[str] | None:

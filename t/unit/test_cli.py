@@ -153,3 +153,15 @@ def test_unavailable_pools_are_refused_by_the_parser() -> None:
     out = CliRunner().invoke(main, ["worker", "-P", "gevent"])
     assert out.exit_code == 2
     assert "gevent" in out.output
+
+
+def test_call_with_an_unreachable_broker_gives_up_fast_with_one_line(tmp_path: Path) -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "taskframe", "-b", "sqla+postgresql://postgres@127.0.0.1:1/test",
+         "call", "some.task"],
+        capture_output=True, text=True, cwd=tmp_path, timeout=120,
+    )
+    assert proc.returncode == 69
+    assert proc.stderr.strip().count("\n") == 0, proc.stderr
+    assert proc.stderr.startswith("Error: BrokerConnectionError:")
+    assert "4 attempt(s)" in proc.stderr  # task_publish_retry_policy: 3 retries
