@@ -33,7 +33,7 @@ EX_TEMPFAIL = 75
 
 def fail(message: str, code: int = EX_USAGE) -> NoReturn:
     """Print ``message`` as one line on stderr and exit with ``code``."""
-    click.echo(f"Error: {message}", err=True)
+    click.echo(f"Error: {' '.join(message.split())}", err=True)
     sys.exit(code)
 
 
