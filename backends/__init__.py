@@ -5,7 +5,8 @@
 (so ``sqlalchemy`` is not imported by an app that stores results in Redis).
 
 Schemes: ``memory://``; ``db+<SQLAlchemy URL>`` and ``sqlite://`` (database);
-``disabled://``, ``None`` or ``""`` (no backend: reads raise
+``redis://``, ``rediss://``, ``redis+socket://``, ``sentinel://`` (redis);
+``gs://bucket/path`` (gcs); ``disabled://``, ``None`` or ``""`` (no backend: reads raise
 ``BackendNotConfigured``).
 """
 
@@ -31,6 +32,18 @@ def _database() -> type[Backend]:
     return DatabaseBackend
 
 
+def _redis() -> type[Backend]:
+    from taskframe.backends.redis import RedisBackend
+
+    return RedisBackend
+
+
+def _gcs() -> type[Backend]:
+    from taskframe.backends.gcs import GCSBackend
+
+    return GCSBackend
+
+
 def _disabled() -> type[Backend]:
     from taskframe.backends.disabled import DisabledBackend
 
@@ -41,7 +54,11 @@ def _disabled() -> type[Backend]:
 LOADERS: dict[str, Callable[[], type[Backend]]] = {
     "db": _database,
     "disabled": _disabled,
+    "gs": _gcs,
     "memory": _memory,
+    "redis": _redis,
+    "rediss": _redis,
+    "sentinel": _redis,
     "sqlite": _database,
 }
 

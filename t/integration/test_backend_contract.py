@@ -1,4 +1,4 @@
-"""One contract for every result backend, run against memory, SQLite, PostgreSQL and MariaDB."""
+"""One contract for every result backend: memory, SQLite, PostgreSQL, MariaDB, Redis, GCS."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import backend_procs
+import gcs_emulator
 import pytest
 import services
 import sqlalchemy as sa
@@ -23,19 +24,25 @@ from taskframe.protocol import ResultContext, decode_result, group_tuple, result
 
 Factory = Callable[..., Backend]
 DATABASES = ["sqlite", "postgres", "mysql"]
+#: Stores several processes share (the memory backend is one process by design).
+SHARED = [*DATABASES, "redis", "gcs"]
 
 
-def _url(kind: str, tmp_path: Path) -> str:
+def _url(kind: str, tmp_path: Path, suffix: str) -> str:
     if kind == "memory":
         return "memory://"
     if kind == "sqlite":
         return f"db+sqlite:///{tmp_path}/results.sqlite3"
     if kind == "postgres":
         return "db+" + services.postgres_url()
+    if kind == "redis":  # db 11 and a prefix of this test's own; keys deleted after
+        return f"{services.redis_url(11)}?global_keyprefix=tf-contract-{suffix}:"
+    if kind == "gcs":  # a base path of this test's own in the emulator's bucket
+        return gcs_emulator.backend_url(f"tf-contract-{suffix}")
     return "db+" + services.mysql_url()
 
 
-@pytest.fixture(params=["memory", *DATABASES])
+@pytest.fixture(params=["memory", *DATABASES, "redis", "gcs"])
 def kind(request: pytest.FixtureRequest) -> str:
     return str(request.param)
 
@@ -43,8 +50,8 @@ def kind(request: pytest.FixtureRequest) -> str:
 @pytest.fixture
 def make_backend(kind: str, tmp_path: Path) -> Iterator[Factory]:
     """Backends on tables unique to this test, dropped afterwards."""
-    url = _url(kind, tmp_path)
     suffix = uuid.uuid4().hex[:10]
+    url = _url(kind, tmp_path, suffix)
     tables = {"task": f"tf_task_{suffix}", "group": f"tf_group_{suffix}",
               "counter": f"tf_counter_{suffix}"}
     made: list[Backend] = []
@@ -59,7 +66,11 @@ def make_backend(kind: str, tmp_path: Path) -> Iterator[Factory]:
     yield factory
     for backend in made:
         backend.close()
-    if kind != "memory":
+    if kind == "redis":
+        services.redis_delete_prefix(11, f"tf-contract-{suffix}:")
+    elif kind == "gcs":
+        gcs_emulator.delete_base_path(f"tf-contract-{suffix}")
+    elif kind != "memory":
         engine = sa.create_engine(DatabaseBackend(url, BackendOptions(
             table_names=tables, create_tables_at_setup=False))._sa_url)
         with engine.begin() as conn:
@@ -231,7 +242,7 @@ def test_incr(backend: Backend) -> None:
     assert backend.incr(key) == 4
 
 
-@pytest.mark.parametrize("kind", DATABASES)  # memory is one process by design
+@pytest.mark.parametrize("kind", SHARED)
 def test_incr_from_many_processes(make_backend: Factory) -> None:
     make_backend()  # creates the tables once, before the children race
     url, tables = make_backend.url, make_backend.tables  # type: ignore[attr-defined]

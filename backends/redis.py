@@ -1,0 +1,446 @@
+"""Redis result backend, sharing Celery's keys, JSON and pub/sub channels.
+
+Features:
+
+* Celery's layout (../shared/spec/celery-wire.md §6.3): one key per task,
+  ``celery-task-meta-<task_id>``, one per group, ``celery-taskset-meta-<group_id>``
+  (``{"result": <group tuple>, "date_done": ...}``; Celery reads only ``result``),
+  values in ``result_serializer``. ``global_keyprefix`` is prepended to every key
+  (with ``_`` appended unless it already ends in one of ``: _ - .``).
+* A store is ``SETEX key <result_expires> <meta>`` (``SET`` without expiry) and
+  ``PUBLISH key <meta>`` in one MULTI/EXEC, so Celery's ``AsyncResult.get()``
+  (subscribed to the key's channel) wakes on our results. The transaction runs
+  under ``WATCH``: a stored SUCCESS is never overwritten, even by a racing writer.
+* ``wait_for`` is pushed: GET; else SUBSCRIBE to the key's channel, wait for the
+  subscription to be confirmed, GET again (closing the race with a store between
+  the two), then wait for a message carrying a ready state. Subscriber
+  connections are reused and always left unsubscribed; on a dropped connection
+  the waiter re-subscribes and polls once (GET) before waiting again.
+* ``incr``: ``INCR`` + ``EXPIRE`` in one MULTI/EXEC; the key gets the global prefix.
+* Connection errors are retried (``max_retries`` times, with backoff); every
+  redis-py error that still escapes becomes ``taskframe.errors.BackendError``.
+* ``cleanup`` is rarely needed (keys expire by TTL): it SCANs this backend's
+  prefixes and deletes metas whose ``date_done`` is older than ``expires``.
+
+URLs: ``redis://[[user]:password@]host[:port][/db]``, ``rediss://...`` (TLS),
+``redis+socket:///path/to/redis.sock?virtual_host=<db>``, ``sentinel://host:port/db``
+(transport option ``master_name``). Query options are read as transport options.
+
+Options (``BackendOptions``): ``serializer``, ``accept``, ``expires`` (the TTL;
+``None`` or <= 0: keys never expire), ``extended``, ``transport_options``
+(``global_keyprefix``, ``max_retries`` (4), ``socket_timeout``, ``socket_connect_timeout``,
+``health_check_interval``, ``client_name``, ``username``, ``password``,
+``master_name``, ``sentinel_kwargs``, ``ssl``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import threading
+import time
+from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
+from functools import partial
+from typing import Any, ClassVar, TypeVar, cast
+from urllib.parse import parse_qsl, urlsplit
+
+import redis
+import redis.client
+import redis.exceptions
+
+from taskframe.backends._codec import ResultCodec
+from taskframe.backends.base import Backend, BackendOptions
+from taskframe.errors import BackendError, DecodeError, ImproperlyConfigured
+from taskframe.errors import TimeoutError as ResultTimeout
+from taskframe.protocol import states
+from taskframe.protocol.results import ResultContext, ResultMeta, make_meta
+from taskframe.transport import errors as transport_errors
+from taskframe.transport.redis_layout import build_client
+
+__all__ = ["RedisBackend"]
+
+T = TypeVar("T")
+
+# -- key prefixes (Celery's, §6.3); the global prefix goes in front of each -----------------
+TASK_KEY_PREFIX = "celery-task-meta-"
+GROUP_KEY_PREFIX = "celery-taskset-meta-"
+#: Separators that end a global prefix as it is; any other end gets ``_`` appended.
+PREFIX_SEPARATORS = ":_-."
+
+#: Retries after the first attempt, for connection errors.
+MAX_RETRIES = 4
+#: A waiter also GETs after this long without a message (a lost PUBLISH cannot hang it).
+SAFETY_POLL = 30.0
+#: WATCH/MULTI attempts of one store before giving up (each failure is another's success).
+MAX_WATCH_ATTEMPTS = 1000
+#: Idle subscriber connections kept for reuse.
+MAX_IDLE_SUBSCRIBERS = 8
+#: How long to wait for a SUBSCRIBE/UNSUBSCRIBE confirmation.
+CONFIRM_TIMEOUT = 10.0
+_CONNECTION_ERRORS = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, OSError)
+
+
+def _backoff(attempt: int) -> float:
+    return min(0.05 * 4.0**attempt, 2.0)
+
+
+class RedisBackend(Backend):
+    """Results in Redis keys shared with Celery's ``RedisBackend``."""
+
+    schemes: ClassVar[tuple[str, ...]] = ("redis", "rediss", "sentinel")
+    supports_push: ClassVar[bool] = True
+
+    def __init__(self, url: str, options: BackendOptions | None = None) -> None:
+        super().__init__(url, options)
+        query = dict(parse_qsl(urlsplit(url).query))
+        self._transport_options: dict[str, Any] = {**query, **self.options.transport_options}
+        self._codec = ResultCodec(self.options.serializer, self.options.accept)
+        prefix = str(self._transport_options.get("global_keyprefix") or "")
+        if prefix and prefix[-1] not in PREFIX_SEPARATORS:
+            prefix += "_"
+        self.keyprefix = prefix
+        try:
+            self._client, self.db = build_client(url, self._transport_options)
+        except transport_errors.ImproperlyConfigured as exc:
+            raise ImproperlyConfigured(f"result_backend: {exc}") from exc
+        try:
+            self.max_retries = int(self._transport_options.get("max_retries", MAX_RETRIES))
+        except ValueError as exc:
+            raise ImproperlyConfigured(f"result_backend: max_retries: {exc}") from exc
+        self._lock = threading.Lock()
+        self._idle: list[redis.client.PubSub] = []
+        self._pid = os.getpid()
+
+    # -- keys and encoding ----------------------------------------------------------------
+
+    def task_key(self, task_id: str) -> str:
+        """The key (and pub/sub channel) of a task's meta."""
+        return f"{self.keyprefix}{TASK_KEY_PREFIX}{task_id}"
+
+    def group_key(self, group_id: str) -> str:
+        """The key of a group's meta."""
+        return f"{self.keyprefix}{GROUP_KEY_PREFIX}{group_id}"
+
+    def _expires(self) -> int | None:
+        expires = self.options.expires
+        if expires is None or expires <= 0:
+            return None
+        return max(1, math.ceil(expires))
+
+    def _decode_meta(self, task_id: str, raw: bytes | None) -> ResultMeta:
+        if raw is None:
+            return make_meta(task_id, states.PENDING, None)
+        meta = self._codec.decode(raw)
+        if not isinstance(meta, dict):
+            raise DecodeError(f"the result of {task_id} is not a meta: {type(meta).__name__}")
+        for name, default in (("result", None), ("traceback", None), ("children", []),
+                              ("date_done", None), ("task_id", task_id)):
+            meta.setdefault(name, default)
+        return cast(ResultMeta, meta)
+
+    # -- plumbing -------------------------------------------------------------------------
+
+    def _run(self, what: str, fn: Callable[[redis.Redis], T]) -> T:
+        """Call ``fn(client)``; retry connection errors; translate every redis-py error."""
+        attempt = 0
+        while True:
+            try:
+                return fn(self._client)
+            except _CONNECTION_ERRORS as exc:
+                if attempt >= self.max_retries:
+                    raise BackendError(
+                        f"{what} failed after {attempt + 1} attempts: "
+                        f"{type(exc).__name__}: {exc}") from exc
+                time.sleep(_backoff(attempt))
+                attempt += 1
+            except redis.exceptions.RedisError as exc:
+                raise BackendError(f"{what} failed: {type(exc).__name__}: {exc}") from exc
+
+    def _write(self, pipe: redis.client.Pipeline, key: str, data: bytes) -> None:
+        expires = self._expires()
+        if expires is None:
+            pipe.set(key, data)
+        else:
+            # SETEX as Celery sends it (redis-py deprecates its setex() wrapper).
+            pipe.execute_command("SETEX", key, expires, data)  # type: ignore[no-untyped-call]
+        pipe.publish(key, data)
+
+    # -- task results ---------------------------------------------------------------------
+
+    def store_result(
+        self,
+        task_id: str,
+        result: Any,
+        state: str,
+        *,
+        traceback: str | None = None,
+        context: ResultContext | None = None,
+    ) -> ResultMeta:
+        """Store and publish ``state``/``result``; a stored SUCCESS is kept and returned.
+
+        Raises:
+            EncodeError: the result cannot be serialized.
+            BackendError: Redis failed, even after retries.
+        """
+        meta = make_meta(task_id, state, result, traceback=traceback, context=context,
+                         extended=self.options.extended)
+        data = self._codec.encode(meta)
+        key = self.task_key(task_id)
+
+        def write(client: redis.Redis) -> bytes | None:
+            with client.pipeline() as pipe:
+                for _ in range(MAX_WATCH_ATTEMPTS):
+                    try:
+                        pipe.watch(key)  # type: ignore[no-untyped-call]
+                        current = _raw(pipe.get(key))
+                        if current is not None and self._is_success(current):
+                            pipe.unwatch()
+                            return current
+                        pipe.multi()
+                        self._write(pipe, key, data)
+                        pipe.execute()
+                        return None
+                    except redis.exceptions.WatchError:
+                        continue  # another writer got in between: look again
+            raise BackendError(f"too many concurrent writers of {key}")
+
+        kept = self._run(f"storing the result of {task_id}", write)
+        return meta if kept is None else self._decode_meta(task_id, kept)
+
+    def _is_success(self, raw: bytes) -> bool:
+        try:
+            stored = self._codec.decode(raw)
+        except Exception:  # unreadable bytes are not a SUCCESS we could keep
+            return False
+        return isinstance(stored, dict) and stored.get("status") == states.SUCCESS
+
+    def get_task_meta(self, task_id: str) -> ResultMeta:
+        """The stored meta, or a PENDING meta."""
+        key = self.task_key(task_id)
+        raw = self._run(f"reading the result of {task_id}",
+                        lambda client: _raw(client.get(key)))
+        return self._decode_meta(task_id, raw)
+
+    def wait_for(
+        self, task_id: str, timeout: float | None = None, interval: float = 0.5
+    ) -> ResultMeta:
+        """Block until ``task_id`` is ready, woken by the PUBLISH of its store.
+
+        ``interval`` is unused: nothing polls, except once after a reconnect and
+        after ``SAFETY_POLL`` seconds without any message.
+
+        Raises:
+            taskframe.errors.TimeoutError: not ready within ``timeout``.
+            BackendError: Redis failed, even after retries.
+        """
+        meta = self.get_task_meta(task_id)
+        if meta["status"] in states.READY_STATES:
+            return meta
+        deadline = None if timeout is None else time.monotonic() + timeout
+        attempt = 0
+        subscribed: list[bool] = []
+        while True:
+            try:
+                found = self._wait_subscribed(task_id, deadline, subscribed)
+            except _CONNECTION_ERRORS as exc:
+                if subscribed:  # the link worked before it dropped: a fresh budget
+                    attempt = 0
+                    subscribed.clear()
+                if attempt >= self.max_retries:
+                    raise BackendError(
+                        f"waiting for {task_id} failed after {attempt + 1} attempts: "
+                        f"{type(exc).__name__}: {exc}") from exc
+                remaining = None if deadline is None else deadline - time.monotonic()
+                time.sleep(_backoff(attempt) if remaining is None
+                           else max(0.0, min(_backoff(attempt), remaining)))
+                attempt += 1
+                continue
+            except redis.exceptions.RedisError as exc:
+                raise BackendError(f"waiting for {task_id} failed: {exc}") from exc
+            if found is None:
+                raise ResultTimeout(f"task {task_id} not ready after {timeout} s")
+            return found
+
+    def _wait_subscribed(self, task_id: str, deadline: float | None,
+                         subscribed: list[bool]) -> ResultMeta | None:
+        """Subscribe, GET, wait for a ready message; ``None`` at the deadline.
+
+        Appends to ``subscribed`` once the subscription is confirmed.
+        """
+        key = self.task_key(task_id)
+        sub = self._checkout()
+        clean = False
+        try:
+            sub.subscribe(key)
+            self._confirm(sub, "subscribe")
+            subscribed.append(True)
+            meta = self._decode_meta(task_id, _raw(self._client.get(key)))
+            last_poll = time.monotonic()
+            while meta["status"] not in states.READY_STATES:
+                now = time.monotonic()
+                if deadline is not None and now >= deadline:
+                    break
+                if now - last_poll >= SAFETY_POLL:
+                    meta = self._decode_meta(task_id, _raw(self._client.get(key)))
+                    last_poll = now
+                    continue
+                wait = SAFETY_POLL if deadline is None else min(SAFETY_POLL, deadline - now)
+                message = sub.get_message(timeout=max(wait, 0.0))
+                if message is not None and message["type"] == "message":
+                    meta = self._decode_meta(task_id, _raw(message["data"]))
+                    last_poll = time.monotonic()
+            sub.unsubscribe(key)  # type: ignore[no-untyped-call]
+            self._confirm(sub, "unsubscribe")
+            clean = True
+            return meta if meta["status"] in states.READY_STATES else None
+        finally:
+            self._checkin(sub, clean)
+
+    @staticmethod
+    def _confirm(sub: redis.client.PubSub, kind: str) -> None:
+        """Read until the server confirms a (un)subscription; other messages are dropped."""
+        deadline = time.monotonic() + CONFIRM_TIMEOUT
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise redis.exceptions.TimeoutError(f"no {kind} confirmation from Redis")
+            message = sub.get_message(timeout=remaining)
+            if message is not None and message["type"] == kind:
+                return
+
+    def _checkout(self) -> redis.client.PubSub:
+        with self._lock:
+            if self._pid != os.getpid():
+                self._idle.clear()  # the parent's sockets: not ours to use or close
+                self._pid = os.getpid()
+            if self._idle:
+                return self._idle.pop()
+        sub: redis.client.PubSub = self._client.pubsub()  # type: ignore[no-untyped-call]
+        return sub
+
+    def _checkin(self, sub: redis.client.PubSub, clean: bool) -> None:
+        # Only a subscriber whose unsubscription was confirmed is reused; any
+        # other is disconnected, which drops its subscriptions on the server.
+        if clean and not sub.subscribed:
+            with self._lock:
+                if len(self._idle) < MAX_IDLE_SUBSCRIBERS and self._pid == os.getpid():
+                    self._idle.append(sub)
+                    return
+        # Closing a broken connection may fail: nothing is left to release then.
+        with contextlib.suppress(redis.exceptions.RedisError, OSError):
+            sub.close()
+
+    def forget(self, task_id: str) -> None:
+        """Delete the key of ``task_id``."""
+        key = self.task_key(task_id)
+        self._run(f"forgetting {task_id}", lambda client: client.delete(key))
+
+    # -- groups and counters --------------------------------------------------------------
+
+    def save_group(self, group_id: str, result: Any) -> None:
+        """Store (and publish, as Celery does) a group's result tuple."""
+        key = self.group_key(group_id)
+        data = self._codec.encode({"result": result,
+                                   "date_done": datetime.now(UTC).isoformat()})
+
+        def write(client: redis.Redis) -> None:
+            with client.pipeline() as pipe:
+                self._write(pipe, key, data)
+                pipe.execute()
+
+        self._run(f"saving group {group_id}", write)
+
+    def restore_group(self, group_id: str) -> Any | None:
+        """The stored group tuple, or ``None``."""
+        key = self.group_key(group_id)
+        raw = self._run(f"restoring group {group_id}", lambda client: _raw(client.get(key)))
+        if raw is None:
+            return None
+        meta = self._codec.decode(raw)
+        return meta.get("result") if isinstance(meta, dict) else None
+
+    def delete_group(self, group_id: str) -> None:
+        """Delete a stored group."""
+        key = self.group_key(group_id)
+        self._run(f"deleting group {group_id}", lambda client: client.delete(key))
+
+    def incr(self, key: str) -> int:
+        """``INCR`` counter ``key`` (global prefix added) and refresh its TTL.
+
+        Note: a connection lost while the server runs the INCR is retried, so in
+        that rare case one call may count twice.
+        """
+        name = f"{self.keyprefix}{key}"
+        expires = self._expires()
+
+        def incr(client: redis.Redis) -> int:
+            with client.pipeline() as pipe:
+                pipe.incr(name)
+                if expires is not None:
+                    pipe.expire(name, expires)
+                return int(pipe.execute()[0])
+
+        return self._run(f"incrementing counter {key}", incr)
+
+    # -- housekeeping ---------------------------------------------------------------------
+
+    def cleanup(self) -> int:
+        """Delete metas whose ``date_done`` is older than ``expires``; return how many.
+
+        Keys expire by their TTL, so this only matters after ``expires`` was
+        lowered. It SCANs every key under this backend's prefixes: O(keys).
+        """
+        if self.options.expires is None:
+            return 0
+        cutoff = datetime.now(UTC) - timedelta(seconds=self.options.expires)
+        deleted = 0
+        for prefix in (TASK_KEY_PREFIX, GROUP_KEY_PREFIX):
+            pattern = _glob_escape(f"{self.keyprefix}{prefix}") + "*"
+            deleted += self._run("cleaning up expired results",
+                                 partial(self._delete_older, pattern=pattern, cutoff=cutoff))
+        return deleted
+
+    def _delete_older(self, client: redis.Redis, pattern: str, cutoff: datetime) -> int:
+        deleted = 0
+        keys = list(client.scan_iter(match=pattern, count=500))
+        for start in range(0, len(keys), 500):
+            batch = keys[start:start + 500]
+            raws = [_raw(value) for value in client.mget(batch)]
+            old = [key for key, raw in zip(batch, raws, strict=True)
+                   if raw is not None and self._done_before(raw, cutoff)]
+            if old:
+                deleted += int(client.delete(*old))
+        return deleted
+
+    def _done_before(self, raw: bytes, cutoff: datetime) -> bool:
+        try:
+            meta = self._codec.decode(raw)
+            done = meta.get("date_done") if isinstance(meta, dict) else None
+            return bool(done) and datetime.fromisoformat(str(done)) < cutoff
+        except Exception:  # foreign or unreadable values are not ours to delete
+            return False
+
+    def close(self) -> None:
+        """Disconnect the idle subscribers and the connection pool. Idempotent."""
+        with self._lock:
+            idle, self._idle = self._idle, []
+        for sub in idle:
+            self._checkin(sub, clean=False)
+        with contextlib.suppress(redis.exceptions.RedisError, OSError):
+            self._client.close()
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} db={self.db} prefix={self.keyprefix!r}>"
+
+
+def _raw(value: Any) -> bytes | None:
+    """A reply as bytes (``None`` stays ``None``)."""
+    if value is None or isinstance(value, bytes):
+        return value
+    return str(value).encode() if isinstance(value, str) else bytes(value)
+
+
+def _glob_escape(text: str) -> str:
+    return "".join("\\" + ch if ch in "*?[]\\" else ch for ch in text)
