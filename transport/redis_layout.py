@@ -306,7 +306,12 @@ def build_client(url: str, options: Mapping[str, Any]) -> tuple[redis.Redis, int
         raise ImproperlyConfigured(f"the Redis transport does not serve {scheme}://")
     ssl: dict[str, Any] = {}
     if scheme == "rediss":
-        ssl = {"ssl": True, **dict(options.get("ssl") or {})}
+        extra = options.get("ssl")
+        if extra is not None and not isinstance(extra, bool | Mapping):
+            raise ImproperlyConfigured(
+                f"the ssl option must be a dict of redis-py ssl_* arguments or a bool, "
+                f"not {type(extra).__name__}")
+        ssl = {"ssl": True, **(dict(extra) if isinstance(extra, Mapping) else {})}
     client = redis.Redis(host=parsed.host or "127.0.0.1", port=parsed.port or 6379, **common, **ssl)
     return client, db
 
