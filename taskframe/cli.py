@@ -89,9 +89,6 @@ class Context:
     """What the group options leave for the subcommands."""
 
     def __init__(self, app_spec: str | None, broker: str | None, backend: str | None) -> None:
-        if not _is_worker_command():
-            # Client commands answer with one line; retry chatter stays out of it.
-            logging.getLogger("taskframe").setLevel(logging.ERROR)
         self.app_spec = app_spec
         self.broker = broker
         self.backend = backend
@@ -132,6 +129,13 @@ def main(ctx: click.Context, app_spec: str | None, broker: str | None,
     """taskframe: a Celery-compatible distributed task framework."""
     if workdir:
         os.chdir(workdir)
+    if ctx.invoked_subcommand != "worker":
+        # Client commands answer with one line: retry chatter stays out of it (restored on
+        # exit, for callers that run the CLI in-process).
+        tf_logger = logging.getLogger("taskframe")
+        previous = tf_logger.level
+        tf_logger.setLevel(logging.ERROR)
+        ctx.call_on_close(lambda: tf_logger.setLevel(previous))
     ctx.obj = Context(app_spec, broker, result_backend)
 
 
@@ -271,11 +275,6 @@ def cleanup(ctx: Context) -> None:
     except (TaskframeError, TransportError) as exc:
         fail(f"{type(exc).__name__}: {exc}", EX_UNAVAILABLE)
     click.echo(f"Deleted {removed} expired result{'s' if removed != 1 else ''}.")
-
-
-def _is_worker_command() -> bool:
-    ctx = click.get_current_context(silent=True)
-    return ctx is not None and ctx.invoked_subcommand == "worker"
 
 
 def _split(value: str | None) -> list[str] | None:
