@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import os
 import socket
+from typing import NoReturn
 
 import pytest
 
@@ -35,6 +36,11 @@ def require_service(name: str, host: str, port: int) -> None:
         f"!!! {name} is NOT reachable at {host}:{port} ({why}); tests needing it "
         f"are skipped. Start it, or set {REQUIRE_ENV}=1 to turn this into a failure."
     )
+    unavailable(message)
+
+
+def unavailable(message: str) -> NoReturn:
+    """Skip the test loudly, or fail it when ``TASKFRAME_REQUIRE_SERVICES=1``."""
     if os.environ.get(REQUIRE_ENV) == "1":
         pytest.fail(message, pytrace=False)
     pytest.skip(message)

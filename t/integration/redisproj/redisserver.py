@@ -13,7 +13,7 @@ import subprocess
 import time
 from pathlib import Path
 
-import pytest
+import services
 
 
 def spare_port() -> int:
@@ -29,7 +29,8 @@ class RedisServer:
                  extra_args: tuple[str, ...] = ()) -> None:
         binary = shutil.which("redis-server")
         if binary is None:
-            pytest.skip("!!! redis-server is not installed; tests that restart Redis are skipped")
+            services.unavailable(
+                "!!! redis-server is not installed; tests that restart Redis are skipped")
         self.binary = binary
         self.directory = directory
         self.port = spare_port()
