@@ -1,0 +1,1 @@
+"""Remote control: the pidbox mailbox, inspect and control."""

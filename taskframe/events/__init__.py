@@ -1,0 +1,1 @@
+"""Events: Celery's event protocol (celeryev), sent and received."""
