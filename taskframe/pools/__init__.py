@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 from taskframe.errors import ImproperlyConfigured
-from taskframe.pools.base import Job, Pool
+from taskframe.pools.base import Pool, TaskJob
 from taskframe.pools.solo import SoloPool
 from taskframe.pools.threads import ThreadPool
 
-__all__ = ["POOLS", "Job", "Pool", "SoloPool", "ThreadPool", "get_pool_class"]
+__all__ = ["POOLS", "Pool", "SoloPool", "TaskJob", "ThreadPool", "get_pool_class"]
 
 #: ``-P`` name -> pool class.
 POOLS: dict[str, type[Pool]] = {"solo": SoloPool, "threads": ThreadPool}

@@ -8,7 +8,12 @@ timeouts): a long task on ``solo`` is never handed to a second worker.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from taskframe.pools.threads import ThreadPool
+
+if TYPE_CHECKING:
+    from taskframe.app import Taskframe
 
 __all__ = ["SoloPool"]
 
@@ -18,5 +23,13 @@ class SoloPool(ThreadPool):
 
     name = "solo"
 
-    def __init__(self, concurrency: int = 1) -> None:
-        super().__init__(1)
+    def __init__(self, concurrency: int = 1, *, app: Taskframe | None = None) -> None:
+        super().__init__(1, app=app)
+
+    def grow(self, n: int = 1) -> None:
+        """The solo pool has exactly one slot."""
+        raise NotImplementedError("the solo pool has exactly one slot")
+
+    def shrink(self, n: int = 1) -> None:
+        """The solo pool has exactly one slot."""
+        raise NotImplementedError("the solo pool has exactly one slot")

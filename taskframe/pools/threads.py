@@ -10,8 +10,12 @@ import logging
 import queue
 import threading
 import time
+from typing import TYPE_CHECKING
 
-from taskframe.pools.base import Job, Pool
+from taskframe.pools.base import Pool, TaskJob, run_here
+
+if TYPE_CHECKING:
+    from taskframe.app import Taskframe
 
 __all__ = ["ThreadPool"]
 
@@ -25,18 +29,21 @@ class ThreadPool(Pool):
 
     name = "threads"
 
-    def __init__(self, concurrency: int) -> None:
-        super().__init__(concurrency)
-        self._jobs: queue.SimpleQueue[Job | None] = queue.SimpleQueue()
+    def __init__(self, concurrency: int, *, app: Taskframe | None = None) -> None:
+        super().__init__(concurrency, app=app)
+        self._jobs: queue.SimpleQueue[TaskJob | None] = queue.SimpleQueue()
         self._threads: list[threading.Thread] = []
         self._active = 0
         self._lock = threading.Lock()
 
     def start(self) -> None:
         """Start the threads."""
-        for n in range(self.concurrency):
-            thread = threading.Thread(target=self._work, name=f"taskframe-thread-{n}",
-                                      daemon=True)
+        self._add_threads(self.concurrency)
+
+    def _add_threads(self, n: int) -> None:
+        for _ in range(n):
+            thread = threading.Thread(target=self._work,
+                                      name=f"taskframe-thread-{len(self._threads)}", daemon=True)
             thread.start()
             self._threads.append(thread)
 
@@ -48,19 +55,32 @@ class ThreadPool(Pool):
             with self._lock:
                 self._active += 1
             try:
-                job()
+                run_here(job)
             except BaseException:  # a job reports its own errors; this is a last resort
                 logger.exception("job crashed in the thread pool")
             finally:
                 with self._lock:
                     self._active -= 1
 
-    def submit(self, job: Job) -> None:
+    def submit(self, job: TaskJob) -> None:
         """Queue ``job`` for the next free thread."""
         self._jobs.put(job)
 
+    def grow(self, n: int = 1) -> None:
+        """Start ``n`` more threads."""
+        self.concurrency += n
+        self._add_threads(n)
+
+    def shrink(self, n: int = 1) -> None:
+        """End ``n`` threads once they are idle (never below one)."""
+        n = min(n, self.concurrency - 1)
+        self.concurrency -= n
+        for _ in range(n):
+            self._jobs.put(_STOP)
+
     def stop(self, *, wait: bool = True, timeout: float | None = None) -> None:
         """Let queued jobs run, then end the threads (joined with ``wait``)."""
+        self._threads = [t for t in self._threads if t.is_alive()]
         for _ in self._threads:
             self._jobs.put(_STOP)
         if wait:

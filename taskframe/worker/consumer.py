@@ -31,12 +31,13 @@ from taskframe.errors import (
     NotRegistered,
     TransportError,
 )
+from taskframe.pools.base import TaskJob
 from taskframe.protocol import decode_message, states
 from taskframe.transport import Connection, Message, Queue
 from taskframe.transport.base import MessageState
 from taskframe.transport.errors import BrokerConnectionError, ConnectionLost
 from taskframe.worker.request import Request
-from taskframe.worker.trace import Outcome, execute
+from taskframe.worker.trace import Outcome
 
 if TYPE_CHECKING:
     from taskframe.app import Taskframe
@@ -300,42 +301,42 @@ class Consumer:
                 continue
             self.running += 1
             self.active[request.id] = request
-            self.pool.submit(lambda request=request: self._run(request))  # type: ignore[misc]
+            request.job = self._job(request)
+            self.pool.submit(request.job)
 
-    def _run(self, request: Request) -> None:
-        """The job: runs in a pool slot."""
+    def _job(self, request: Request) -> TaskJob:
+        task, conf, tm = request.task, self.app.conf, request.tm
+        hard = _first(tm.time_limit, task.time_limit, conf.task_time_limit)
+        soft = _first(tm.soft_time_limit, task.soft_time_limit, conf.task_soft_time_limit)
+        return TaskJob(task=task, context=request.context, store=self._store_results(),
+                       on_accepted=self._on_accepted, on_done=self._on_done,
+                       time_limit=hard, soft_time_limit=soft, request=request)
+
+    def _on_accepted(self, job: TaskJob) -> None:
+        """A pool slot took the job (any thread): early acks go now."""
+        request: Request = job.request
         request.started = True
         if not request.acks_late:
             self.report(request, ACK)
+
+    def _on_done(self, job: TaskJob, outcome: Outcome) -> None:
+        """The job ended (any thread): settle late acks, free the slot."""
+        request: Request = job.request
         try:
-            try:
-                outcome = execute(request.task, request.context, store=self._store_results())
-            except Exception as exc:
-                outcome = self._internal_error(request, exc)
             if request.acks_late:
                 self.report(request, self._late_action(request, outcome))
             elif outcome.state == states.REJECTED and outcome.requeue:
                 logger.warning("%r asked to requeue but was acked early", request)
         finally:
-            self.active.pop(request.id, None)
+            if self.active.get(request.id) is request:
+                del self.active[request.id]
             self.report(request, DONE)
-
-    def _internal_error(self, request: Request, exc: Exception) -> Outcome:
-        """The task ran (or not) but taskframe failed around it (e.g. the result store)."""
-        logger.exception("Task %s[%s] raised an internal error: %r", request.name, request.id, exc)
-        if self._store_results():
-            try:
-                self.app.backend.mark_as_failure(request.id, exc)
-            except Exception as store_exc:
-                logger.error("Task %s[%s]: could not store the failure either: %r",
-                             request.name, request.id, store_exc)
-        return Outcome(states.FAILURE, exc)
 
     def abort_running(self, reason: str) -> int:
         """Ask every running task to stop (``request.should_abort()``); return how many."""
-        running = list(self.active.values())
-        for request in running:
-            request.context.request_abort(reason)
+        running = [r.job for r in list(self.active.values()) if r.job is not None]
+        for job in running:
+            self.pool.abort(job, reason)
         return len(running)
 
     def _store_results(self) -> bool:
@@ -414,3 +415,11 @@ def _origin(message: Message) -> tuple[str, str]:
     if queue:
         return "", str(queue)
     return str(info.get("exchange") or ""), str(info.get("routing_key") or "")
+
+
+def _first(*values: float | None) -> float | None:
+    """The first value that is not None (a request's limit overrides the task's)."""
+    for value in values:
+        if value is not None:
+            return float(value)
+    return None

@@ -9,6 +9,7 @@ from taskframe.context import Context
 from taskframe.protocol import TaskMessage
 
 if TYPE_CHECKING:
+    from taskframe.pools.base import TaskJob
     from taskframe.task import Task
     from taskframe.transport import Message
 
@@ -18,7 +19,7 @@ __all__ = ["Request"]
 class Request:
     """A task message held by the worker until it is settled."""
 
-    __slots__ = ("acks_late", "context", "message", "started", "task", "tm")
+    __slots__ = ("acks_late", "context", "job", "message", "started", "task", "tm")
 
     def __init__(self, message: Message, tm: TaskMessage, task: Task[Any, Any], *,
                  hostname: str, acks_late: bool) -> None:
@@ -27,6 +28,7 @@ class Request:
         self.task = task
         self.acks_late = acks_late
         self.started = False
+        self.job: TaskJob | None = None
         ignore = tm.ignore_result
         if ignore is None:
             ignore = task.ignore_result if task.ignore_result is not None \

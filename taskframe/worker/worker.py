@@ -134,7 +134,7 @@ class Worker:
             logger.critical("Cannot connect to the broker %s: %s. Giving up.",
                             connection.safe_url(), exc)
             return EX_UNAVAILABLE
-        pool = get_pool_class(self.pool_name)(self.concurrency)
+        pool = get_pool_class(self.pool_name)(self.concurrency, app=self.app)
         pool.start()
         self.consumer = Consumer(self.app, connection, self.queues(), pool,
                                  hostname=self.hostname, prefetch_count=self.prefetch_count)
