@@ -109,6 +109,9 @@ class Taskframe:
         self._connections: list[Connection] = []
         self._warned_no_backend = False
         self._logged_embedded = False
+        #: Called where tasks run when a worker starts / stops (``on_worker_start``).
+        self.worker_start_hooks: list[Callable[[], Any]] = []
+        self.worker_stop_hooks: list[Callable[[], Any]] = []
         self.origin = f"gen{os.getpid()}@{socket.gethostname()}"
         with _state_lock:
             _all_apps.append(self)
@@ -117,6 +120,23 @@ class Taskframe:
             if set_as_current:
                 global _current_app
                 _current_app = self
+
+    # -- worker lifecycle hooks ----------------------------------------------------------
+
+    def on_worker_start(self, fn: Callable[[], Any], /) -> Callable[[], Any]:
+        """Decorator: call ``fn`` (sync or ``async def``) where tasks run, as a worker starts.
+
+        For resources tasks share, such as a database pool: it runs once in the
+        worker process for in-process pools, on the event loop for ``asyncio``,
+        and in every child for ``prefork``. An error stops the worker.
+        """
+        self.worker_start_hooks.append(fn)
+        return fn
+
+    def on_worker_stop(self, fn: Callable[[], Any], /) -> Callable[[], Any]:
+        """Decorator: call ``fn`` (sync or ``async def``) where tasks ran, as a worker stops."""
+        self.worker_stop_hooks.append(fn)
+        return fn
 
     # -- configuration -----------------------------------------------------------------
 

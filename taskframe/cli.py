@@ -154,12 +154,15 @@ def main(ctx: click.Context, app_spec: str | None, broker: str | None,
 @click.option("--prefetch-multiplier", type=click.IntRange(min=0),
               help="Messages reserved per slot (0 = unlimited).")
 @click.option("--disable-prefetch", is_flag=True, help="Reserve a message only for a free slot.")
+@click.option("-O", "optimization", type=click.Choice(["default", "fair"]), default="default",
+              help="Accepted for Celery compatibility: every taskframe pool hands a task only "
+              "to a free slot, which is what Celery's -O fair does for prefork.")
 @click.option("--soft-shutdown-timeout", type=float,
               help="Seconds running tasks get at warm shutdown (default: no limit).")
 @pass_ctx
 def worker(ctx: Context, pool: str | None, concurrency: int | None, queues: str | None,
            exclude_queues: str | None, hostname: str | None, loglevel: str, logfile: str | None,
-           prefetch_multiplier: int | None, disable_prefetch: bool,
+           prefetch_multiplier: int | None, disable_prefetch: bool, optimization: str,
            soft_shutdown_timeout: float | None) -> None:
     """Start a worker."""
     from taskframe.pools import get_pool_class

@@ -92,6 +92,7 @@ DEFAULTS: dict[str, Any] = {
     "worker_pool": "threads",
     "worker_prefetch_multiplier": 4,
     "worker_disable_prefetch": False,
+    "worker_disable_rate_limits": False,
     "worker_hijack_root_logger": True,
     "worker_log_color": None,
     "worker_log_format": "[%(asctime)s: %(levelname)s/%(processName)s] %(message)s",

@@ -22,10 +22,12 @@ In-process pools run a job with ``run_here``.
 from __future__ import annotations
 
 import abc
+import asyncio
+import inspect
 import logging
 import signal
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -37,7 +39,7 @@ if TYPE_CHECKING:
     from taskframe.task import Task
     from taskframe.worker.trace import Outcome
 
-__all__ = ["Pool", "TaskJob", "internal_failure", "run_here"]
+__all__ = ["Pool", "TaskJob", "call_hook", "internal_failure", "run_here"]
 
 logger = logging.getLogger("taskframe.pools")
 
@@ -152,6 +154,15 @@ class Pool(abc.ABC):
         """Remove ``n`` slots (``pool_shrink``); running jobs finish first."""
         raise NotImplementedError(f"the {self.name} pool cannot shrink")
 
+    def run_hooks(self, hooks: Sequence[Callable[[], Any]]) -> None:
+        """Run worker start/stop hooks where this pool's tasks run (default: here, now).
+
+        ``async def`` hooks run to completion in an event loop of their own.
+        Pools whose tasks run elsewhere (another loop, child processes) override it.
+        """
+        for hook in hooks:
+            call_hook(hook)
+
     def stats(self) -> dict[str, Any]:
         """Numbers for ``inspect stats`` (Celery's ``pool`` section)."""
         return {"implementation": f"taskframe.pools:{type(self).__name__}",
@@ -163,6 +174,16 @@ class Pool(abc.ABC):
         import os
 
         return [os.getpid()]
+
+
+def call_hook(hook: Callable[[], Any]) -> None:
+    """Call one start/stop hook; a coroutine it returns is run to completion."""
+    result = hook()
+    if inspect.isawaitable(result):
+        async def wait() -> Any:
+            return await result
+
+        asyncio.run(wait())
 
 
 def internal_failure(job: TaskJob, exc: BaseException) -> Outcome:

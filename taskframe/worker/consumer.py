@@ -36,6 +36,7 @@ from taskframe.protocol import decode_message, states
 from taskframe.transport import Connection, Message, Queue
 from taskframe.transport.base import MessageState
 from taskframe.transport.errors import BrokerConnectionError, ConnectionLost
+from taskframe.worker.ratelimit import RateLimits
 from taskframe.worker.request import Request
 from taskframe.worker.trace import Outcome
 
@@ -68,7 +69,8 @@ class Consumer:
         self.accept = tuple(app.conf.accept_content)
         self.completions: queue.SimpleQueue[tuple[Request, str]] = queue.SimpleQueue()
         self.reserved: collections.deque[Request] = collections.deque()
-        self.timers: list[tuple[float, int, Request]] = []
+        self.timers: list[tuple[float, int, Request]] = []  # ETA not reached yet
+        self.limited: list[tuple[float, int, Request]] = []  # waiting for a rate-limit token
         self.held = 0  # messages received and not settled
         self.running = 0  # jobs submitted to the pool and not done
         self.processed = 0
@@ -77,6 +79,12 @@ class Consumer:
         self._thread = threading.current_thread()
         self._last_maintain = 0.0
         self._stop = threading.Event()
+        conf = app.conf
+        self.rate_limits = RateLimits()
+        self.disable_rate_limits = bool(conf.worker_disable_rate_limits)
+        self.disable_prefetch = bool(conf.worker_disable_prefetch)
+        self.eta_task_limit: int | None = conf.worker_eta_task_limit
+        self._qos = prefetch_count  # the bound the transport has now
 
     # -- setup ------------------------------------------------------------------------
 
@@ -85,6 +93,7 @@ class Consumer:
         transport = self.connection.transport
         for q in self.queues:
             transport.declare(q)
+        self._qos = self.prefetch_count
         transport.consume(self.queues, prefetch_count=self.prefetch_count)
 
     def stop(self) -> None:
@@ -114,13 +123,39 @@ class Consumer:
         self._start_due_timers()
         self._start_reserved()
         self._maintain()
-        if self.prefetch_count and self.held >= self.prefetch_count:
+        bound = self._update_qos()
+        if bound < 0 or (bound and self.held >= bound):
             self._wait_for_completion(0.2)
             return
-        timeout = 0.05 if (self.held or self.timers) else 0.5
+        timeout = 0.05 if (self.held or self.timers or self.limited) else 0.5
         for message in self.connection.transport.poll(timeout=timeout):
             self.held += 1
             self.on_message(message)
+
+    def _update_qos(self) -> int:
+        """The prefetch bound for this turn (0: none; -1: take nothing now).
+
+        ETA messages waiting in memory raise the bound (up to
+        ``worker_eta_task_limit``) so that they never block the queue behind
+        them; with ``worker_disable_prefetch`` the bound admits only as many
+        messages as there are free slots.
+        """
+        if self.disable_prefetch:
+            free = self.pool.concurrency - self.running - len(self.reserved) - len(self.limited)
+            if free <= 0:
+                return -1
+            bound = self.held + free
+        elif self.prefetch_count:
+            waiting = len(self.timers)
+            if self.eta_task_limit is not None:
+                waiting = min(waiting, self.eta_task_limit)
+            bound = self.prefetch_count + waiting
+        else:
+            return 0
+        if bound != self._qos:
+            self.connection.transport.set_prefetch(bound)
+            self._qos = bound
+        return bound
 
     def _maintain(self) -> None:
         transport = self.connection.transport
@@ -289,9 +324,10 @@ class Consumer:
 
     def _start_due_timers(self) -> None:
         now = time.monotonic()
-        while self.timers and self.timers[0][0] <= now:
-            _, _, request = heapq.heappop(self.timers)
-            self.reserved.append(request)
+        for heap in (self.timers, self.limited):
+            while heap and heap[0][0] <= now:
+                _, _, request = heapq.heappop(heap)
+                self.reserved.append(request)
 
     def _start_reserved(self) -> None:
         while self.reserved and self.running < self.pool.concurrency and not self.stopping:
@@ -299,10 +335,34 @@ class Consumer:
             if request.expired():
                 self._revoke_expired(request)
                 continue
+            wait = self._rate_limit_wait(request)
+            if wait > 0:
+                heapq.heappush(self.limited, (time.monotonic() + wait, next(self._seq), request))
+                continue
             self.running += 1
             self.active[request.id] = request
             request.job = self._job(request)
             self.pool.submit(request.job)
+
+    def _rate_limit_wait(self, request: Request) -> float:
+        if self.disable_rate_limits:
+            return 0.0
+        task = request.task
+        default = task.rate_limit if task.rate_limit is not None \
+            else self.app.conf.task_default_rate_limit
+        return self.rate_limits.delay(task.name, default)
+
+    def set_rate_limit(self, task_name: str, limit: str | float | None) -> None:
+        """Change a task's rate limit now (control ``rate_limit``); None or 0 removes it.
+
+        Runs of that task waiting for a token are looked at again under the new limit.
+        """
+        self.rate_limits.set(task_name, limit)
+        waiting = [entry for entry in self.limited if entry[2].task.name == task_name]
+        if waiting:
+            self.limited = [entry for entry in self.limited if entry[2].task.name != task_name]
+            heapq.heapify(self.limited)
+            self.reserved.extend(request for _, _, request in sorted(waiting))
 
     def _job(self, request: Request) -> TaskJob:
         task, conf, tm = request.task, self.app.conf, request.tm
@@ -359,12 +419,14 @@ class Consumer:
         logger.error("Connection to broker lost: %s. Reconnecting...", exc)
         # Messages received on the dropped connection come back from the broker: forget
         # them (running tasks still finish; their late acks are skipped).
-        pending = [r for _, _, r in self.timers] + list(self.reserved) + list(self.active.values())
+        pending = [r for _, _, r in self.timers + self.limited] + list(self.reserved) \
+            + list(self.active.values())
         for request in pending:
             if not request.message.settled:
                 request.message.state = MessageState.LOST
         self.held = 0
         self.timers.clear()
+        self.limited.clear()
         self.reserved.clear()
         with contextlib.suppress(TransportError):
             self.connection.close()
@@ -378,9 +440,10 @@ class Consumer:
 
     def give_back_reserved(self) -> int:
         """Requeue every message received but not started (shutdown); return how many."""
-        pending = list(self.reserved) + [r for _, _, r in self.timers]
+        pending = list(self.reserved) + [r for _, _, r in self.timers + self.limited]
         self.reserved.clear()
         self.timers.clear()
+        self.limited.clear()
         for request in pending:
             self._settle(request, REQUEUE)
         return len(pending)
@@ -401,7 +464,8 @@ class Consumer:
     def info(self) -> dict[str, Any]:
         """Numbers for logs and ``inspect stats``."""
         return {"held": self.held, "running": self.running, "reserved": len(self.reserved),
-                "scheduled": len(self.timers), "processed": self.processed}
+                "scheduled": len(self.timers), "rate_limited": len(self.limited),
+                "processed": self.processed}
 
 
 def _origin(message: Message) -> tuple[str, str]:

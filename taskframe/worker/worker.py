@@ -36,12 +36,14 @@ if TYPE_CHECKING:
     from taskframe.app import Taskframe
     from taskframe.transport import Queue
 
-__all__ = ["EX_COLD_SHUTDOWN", "EX_OK", "EX_UNAVAILABLE", "Worker", "expand_hostname"]
+__all__ = ["EX_COLD_SHUTDOWN", "EX_OK", "EX_SOFTWARE", "EX_UNAVAILABLE", "Worker",
+           "expand_hostname"]
 
 logger = logging.getLogger("taskframe.worker")
 
 EX_OK = 0
 EX_COLD_SHUTDOWN = 1
+EX_SOFTWARE = 70
 EX_UNAVAILABLE = 69
 
 # Seconds tasks asked to abort (soft shutdown deadline) get before the cold shutdown.
@@ -136,6 +138,13 @@ class Worker:
             return EX_UNAVAILABLE
         pool = get_pool_class(self.pool_name)(self.concurrency, app=self.app)
         pool.start()
+        try:
+            pool.run_hooks(self.app.worker_start_hooks)
+        except Exception as exc:
+            logger.critical("a worker start hook failed: %r. Exiting.", exc, exc_info=exc)
+            pool.stop(wait=False, timeout=1.0)
+            connection.close()
+            return EX_SOFTWARE
         self.consumer = Consumer(self.app, connection, self.queues(), pool,
                                  hostname=self.hostname, prefetch_count=self.prefetch_count)
         try:
@@ -193,6 +202,10 @@ class Worker:
                                "unacked messages go back to the broker", consumer.running)
         except TransportError as exc:
             logger.error("broker error during shutdown: %s", exc)
+        try:
+            pool.run_hooks(self.app.worker_stop_hooks)
+        except Exception as exc:
+            logger.error("a worker stop hook failed: %r", exc, exc_info=exc)
         pool.stop(wait=not self._cold.is_set(), timeout=1.0)
         connection.close()
         signals.worker_shutdown.send(sender=self)
