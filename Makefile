@@ -29,8 +29,9 @@ lint: $(STAMP)
 typecheck: $(STAMP)
 	tools/typecheck.sh
 
+## taskframe's worker vs Celery's on RabbitMQ and Redis; `make bench BENCH_ARGS=--quick` for a check.
 bench: $(STAMP)
-	$(BIN)/python t/benchmarks/run.py
+	$(BIN)/python t/benchmarks/run.py $(BENCH_ARGS)
 
 docs: $(STAMP)
 	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict
