@@ -6,7 +6,8 @@
 
 Schemes: ``memory://``; ``db+<SQLAlchemy URL>`` and ``sqlite://`` (database);
 ``redis://``, ``rediss://``, ``redis+socket://``, ``sentinel://`` (redis);
-``gs://bucket/path`` (gcs); ``disabled://``, ``None`` or ``""`` (no backend: reads raise
+``gs://bucket/path`` (gcs); ``rpc://`` (results as messages on the app's broker);
+``disabled://``, ``None`` or ``""`` (no backend: reads raise
 ``BackendNotConfigured``).
 """
 
@@ -17,7 +18,10 @@ from collections.abc import Callable
 from taskframe.backends.base import Backend, BackendOptions
 from taskframe.errors import ImproperlyConfigured
 
-__all__ = ["Backend", "BackendOptions", "create_backend", "scheme_of"]
+__all__ = ["Backend", "BackendOptions", "create_backend", "needs_task_call", "scheme_of"]
+
+#: Schemes whose backend must hear of each task before it is sent (``on_task_call``).
+TASK_CALL_SCHEMES = frozenset({"rpc"})
 
 
 def _memory() -> type[Backend]:
@@ -44,6 +48,12 @@ def _gcs() -> type[Backend]:
     return GCSBackend
 
 
+def _rpc() -> type[Backend]:
+    from taskframe.backends.rpc import RPCBackend
+
+    return RPCBackend
+
+
 def _disabled() -> type[Backend]:
     from taskframe.backends.disabled import DisabledBackend
 
@@ -58,6 +68,7 @@ LOADERS: dict[str, Callable[[], type[Backend]]] = {
     "memory": _memory,
     "redis": _redis,
     "rediss": _redis,
+    "rpc": _rpc,
     "sentinel": _redis,
     "sqlite": _database,
 }
@@ -67,6 +78,15 @@ def scheme_of(url: str) -> str:
     """The scheme that picks the backend: ``db`` for ``db+postgresql://...``."""
     scheme = url.partition("://")[0].lower() if "://" in url else url.lower()
     return scheme.partition("+")[0]
+
+
+def needs_task_call(url: str | None) -> bool:
+    """True when the backend of ``url`` wants ``on_task_call`` before each task is sent.
+
+    Decided by the scheme alone, so the app does not build (or import) a backend
+    just to send a task.
+    """
+    return bool(url) and scheme_of(str(url)) in TASK_CALL_SCHEMES
 
 
 def create_backend(url: str | None, options: BackendOptions) -> Backend:

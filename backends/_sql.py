@@ -26,6 +26,7 @@ __all__ = [
     "add_missing_columns",
     "counter_incr",
     "create_engine",
+    "is_memory_sqlite",
     "make_tables",
     "sqlalchemy_url",
 ]
@@ -69,7 +70,8 @@ def sqlalchemy_url(url: str) -> URL:
         raise ImproperlyConfigured(f"bad database result backend URL {url!r}: {exc}") from exc
 
 
-def _is_memory_sqlite(url: URL) -> bool:
+def is_memory_sqlite(url: URL) -> bool:
+    """True for an in-memory SQLite URL (one shared connection, never pooled away)."""
     return url.get_backend_name() == "sqlite" and url.database in (None, "", ":memory:")
 
 
@@ -83,7 +85,7 @@ def create_engine(url: URL, engine_options: Mapping[str, Any]) -> Engine:
     is_sqlite = url.get_backend_name() == "sqlite"
     if is_sqlite:
         options["connect_args"] = {"timeout": SQLITE_BUSY_TIMEOUT, "check_same_thread": False}
-        if _is_memory_sqlite(url):
+        if is_memory_sqlite(url):
             # One shared connection, else every checkout sees a new empty database.
             options["poolclass"] = StaticPool
     else:
@@ -96,7 +98,7 @@ def create_engine(url: URL, engine_options: Mapping[str, Any]) -> Engine:
             f"cannot create a database engine for {url.render_as_string()}: {exc}"
         ) from exc
     if is_sqlite:
-        _configure_sqlite(engine, memory=_is_memory_sqlite(url))
+        _configure_sqlite(engine, memory=is_memory_sqlite(url))
     return engine
 
 

@@ -15,24 +15,32 @@ Methods:
   SUCCESS. Exceptions are encoded as Celery does (``exc_type``/``exc_message``/
   ``exc_module``).
 * ``get_task_meta``: the stored meta, still encoded (``PENDING`` when unknown).
+* ``get_task_metas``: many metas at once (one round trip where the store allows).
+* ``task_result_exists``: whether the store holds a record for a task.
 * ``wait_for``: block until the task is ready (pushed where the store can push,
   polling with backoff where it cannot).
 * ``forget``: delete a task's meta.
 * ``save_group`` / ``restore_group`` / ``delete_group``: group results.
 * ``incr``: an atomic counter, for chords.
-* ``cleanup``: delete metas older than ``expires``.
+* ``on_task_call``: a hook run before a task is sent (``rpc`` declares its
+  reply queue there).
+* ``cleanup``: delete metas older than ``expires`` (FAILURE metas: older than
+  ``failure_expires`` when that is set).
 """
 
 from __future__ import annotations
 
 import abc
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from taskframe.protocol import states
 from taskframe.protocol.results import ResultContext, ResultMeta
+
+if TYPE_CHECKING:
+    from taskframe.transport.connection import Connection
 
 __all__ = ["Backend", "BackendOptions"]
 
@@ -45,23 +53,34 @@ class BackendOptions:
         serializer: ``result_serializer`` (``"json"`` by default).
         accept: ``result_accept_content`` (content type names or MIME types).
         expires: ``result_expires`` in seconds; ``None`` keeps results forever.
+        failure_expires: ``result_failure_expires`` in seconds: how long FAILURE
+            results are kept; ``None`` means ``expires``.
         extended: ``result_extended``: also store name, args, kwargs, worker, ...
         table_names: ``database_table_names`` (``{"task": ..., "group": ...}``).
         engine_options: ``database_engine_options`` passed to ``create_engine``.
         create_tables_at_setup: ``database_create_tables_at_setup``.
         short_lived_sessions: ``database_short_lived_sessions``.
         transport_options: ``result_backend_transport_options``.
+        connection: makes a new broker connection (the app's ``connection``);
+            for backends that send results through the broker (``rpc``).
+        reply_to: the queue this process reads replies from (the app's
+            ``origin``, the default ``reply_to`` of the tasks it sends; ``rpc``).
+        persistent: ``result_persistent``: replies survive a broker restart (``rpc``).
     """
 
     serializer: str = "json"
     accept: tuple[str, ...] = ("json",)
     expires: float | None = 86400.0
+    failure_expires: float | None = None
     extended: bool = False
     table_names: Mapping[str, str] = field(default_factory=dict)
     engine_options: Mapping[str, Any] = field(default_factory=dict)
     create_tables_at_setup: bool = True
     short_lived_sessions: bool = False
     transport_options: Mapping[str, Any] = field(default_factory=dict)
+    connection: Callable[[], Connection] | None = None
+    reply_to: str | None = None
+    persistent: bool = False
 
 
 class Backend(abc.ABC):
@@ -78,6 +97,15 @@ class Backend(abc.ABC):
     def __init__(self, url: str, options: BackendOptions | None = None) -> None:
         self.url = url
         self.options = options or BackendOptions()
+
+    def expires_for(self, state: str) -> float | None:
+        """Seconds a result in ``state`` is kept.
+
+        ``failure_expires`` for FAILURE when it is set, else ``expires``.
+        """
+        if state == states.FAILURE and self.options.failure_expires is not None:
+            return self.options.failure_expires
+        return self.options.expires
 
     # -- task results -----------------------------------------------------------------
 
@@ -101,6 +129,24 @@ class Backend(abc.ABC):
     @abc.abstractmethod
     def get_task_meta(self, task_id: str) -> ResultMeta:
         """The stored meta of ``task_id``, or a PENDING meta when none is stored."""
+
+    def get_task_metas(self, task_ids: Iterable[str]) -> dict[str, ResultMeta]:
+        """The metas of ``task_ids``, keyed by task id (PENDING metas for unknown ids).
+
+        The default reads them one by one; stores that can read many in one
+        round trip (or in parallel) override it.
+        """
+        return {task_id: self.get_task_meta(task_id) for task_id in dict.fromkeys(task_ids)}
+
+    def task_result_exists(self, task_id: str) -> bool:
+        """True when the store holds a record for ``task_id`` (whatever its state).
+
+        Tells a task that is truly pending from an id that was never stored, or
+        whose result was forgotten or expired (both read as PENDING). The default
+        asks ``get_task_meta`` (so a stored PENDING reads as absent); stores that
+        can check for the key or row itself override it.
+        """
+        return self.get_task_meta(task_id)["status"] != states.PENDING
 
     def wait_for(
         self, task_id: str, timeout: float | None = None, interval: float = 0.5
@@ -186,11 +232,23 @@ class Backend(abc.ABC):
     def incr(self, key: str) -> int:
         """Atomically add one to counter ``key`` (created at 0) and return the new value."""
 
+    def delete_counter(self, key: str) -> None:  # noqa: B027 - optional, a no-op by default
+        """Delete counter ``key`` (no error when there is none); the next ``incr`` gives 1.
+
+        The default keeps it: override where counters would otherwise pile up.
+        """
+
     # -- housekeeping -----------------------------------------------------------------
 
     def cleanup(self) -> int:
         """Delete metas older than ``options.expires``; return how many. Default: none."""
         return 0
+
+    def on_task_call(self, task_id: str, reply_to: str | None) -> None:  # noqa: B027
+        """Called by the app before it sends a task whose result it wants. Default: nothing.
+
+        The ``rpc`` backend declares its reply queue here, so no reply is lost.
+        """
 
     def close(self) -> None:  # noqa: B027 - optional hook, a no-op by default
         """Release connections. Idempotent."""

@@ -12,6 +12,7 @@ Features:
 * A stored SUCCESS is never overwritten: read, lock the row (``SELECT ... FOR
   UPDATE``; on SQLite the transaction starts with ``BEGIN IMMEDIATE``), write, in
   one transaction.
+* ``get_task_metas``: one ``SELECT ... WHERE task_id IN (...)``.
 * ``incr``: atomic counters in ``taskframe_counters`` with one statement.
 * SQLite: WAL and a busy timeout, so several processes can share one file.
 * Transient errors (``OperationalError``, ``InterfaceError``) are retried 3 times
@@ -23,10 +24,11 @@ URLs: ``db+<SQLAlchemy URL>``, e.g. ``db+sqlite:///results.sqlite3``,
 ``db+mysql://root@host/db`` (PyMySQL when no driver is named); plain
 ``sqlite:///path`` is a shortcut for ``db+sqlite:///path``.
 
-Options (``BackendOptions``): ``serializer``, ``accept``, ``expires`` (for
-``cleanup``), ``extended``, ``table_names`` (``task``, ``group`` and our
-``counter``), ``engine_options`` (passed to ``create_engine``),
-``create_tables_at_setup``.
+Options (``BackendOptions``): ``serializer``, ``accept``, ``expires`` and
+``failure_expires`` (for ``cleanup``), ``extended``, ``table_names`` (``task``,
+``group`` and our ``counter``), ``engine_options`` (passed to ``create_engine``),
+``create_tables_at_setup``, ``short_lived_sessions`` (no connection pool: every
+call opens and closes its own connection).
 """
 
 from __future__ import annotations
@@ -35,12 +37,14 @@ import os
 import pickle
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Sequence
 from datetime import UTC, datetime, timedelta
+from functools import partial
 from typing import Any, ClassVar, TypeVar
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine, Row
+from sqlalchemy.pool import NullPool
 
 from taskframe.backends import _sql
 from taskframe.backends._codec import ResultCodec
@@ -55,6 +59,8 @@ T = TypeVar("T")
 
 #: Retries after the first attempt, for transient errors.
 MAX_RETRIES = 3
+#: Task ids per ``SELECT ... IN`` of ``get_task_metas`` (bound-parameter limits).
+IN_BATCH = 500
 _TRANSIENT = (sa.exc.OperationalError, sa.exc.InterfaceError)
 _EXTENDED = ("name", "worker", "retries", "queue")
 
@@ -94,7 +100,13 @@ class DatabaseBackend(Backend):
     def _get_engine(self) -> Engine:
         with self._lock:
             if self._engine is None:
-                self._engine = _sql.create_engine(self._sa_url, self.options.engine_options)
+                options = dict(self.options.engine_options)
+                if self.options.short_lived_sessions and not _sql.is_memory_sqlite(self._sa_url):
+                    # database_short_lived_sessions: no pool, so each call opens its
+                    # own connection and closes it when done (nothing held between
+                    # calls, as Celery's NullPool engines do).
+                    options.setdefault("poolclass", NullPool)
+                self._engine = _sql.create_engine(self._sa_url, options)
             elif self._pid != os.getpid():
                 # Forked: the parent's pooled connections must not be used here.
                 self._engine.dispose(close=False)
@@ -268,6 +280,37 @@ class DatabaseBackend(Backend):
             return make_meta(task_id, states.PENDING, None)
         return self._row_to_meta(row)
 
+    def get_task_metas(self, task_ids: Iterable[str]) -> dict[str, ResultMeta]:
+        """The metas of ``task_ids``, by ``SELECT ... WHERE task_id IN (...)``.
+
+        One statement per ``IN_BATCH`` ids; PENDING metas for unknown ids.
+        """
+        ids = list(dict.fromkeys(task_ids))
+        table = self._tables.task
+        rows: dict[str, Row[Any]] = {}
+
+        def read(conn: Connection, batch: list[str]) -> Sequence[Row[Any]]:
+            return conn.execute(sa.select(table).where(table.c.task_id.in_(batch))).all()
+
+        for start in range(0, len(ids), IN_BATCH):
+            batch = ids[start:start + IN_BATCH]
+            found = self._run(f"reading {len(batch)} results", partial(read, batch=batch),
+                              write=False)
+            rows.update((row.task_id, row) for row in found)
+        return {task_id: (self._row_to_meta(rows[task_id]) if task_id in rows
+                          else make_meta(task_id, states.PENDING, None)) for task_id in ids}
+
+    def task_result_exists(self, task_id: str) -> bool:
+        """True when a row exists for ``task_id``."""
+        table = self._tables.task
+        found = self._run(
+            f"checking the result of {task_id}",
+            lambda conn: conn.execute(
+                sa.select(table.c.id).where(table.c.task_id == task_id)).first(),
+            write=False,
+        )
+        return found is not None
+
     def forget(self, task_id: str) -> None:
         """Delete the row of ``task_id``."""
         table = self._tables.task
@@ -322,18 +365,38 @@ class DatabaseBackend(Backend):
         return self._run(f"incrementing counter {key}",
                          lambda conn: _sql.counter_incr(conn, table, key), write=True)
 
+    def delete_counter(self, key: str) -> None:
+        """Delete the row of counter ``key``."""
+        table = self._tables.counter
+        self._run(f"deleting counter {key}",
+                  lambda conn: conn.execute(sa.delete(table).where(table.c["key"] == key)),
+                  write=True)
+
     # -- housekeeping -------------------------------------------------------------------
 
     def cleanup(self) -> int:
-        """Delete task and group rows whose ``date_done`` is older than ``expires``."""
-        if self.options.expires is None:
+        """Delete task and group rows whose ``date_done`` is older than ``expires``.
+
+        FAILURE rows are kept ``failure_expires`` instead, when that is set.
+        """
+        expires, failure_expires = self.options.expires, self.options.failure_expires
+        if expires is None and failure_expires is None:
             return 0
-        cutoff = datetime.now(UTC).replace(tzinfo=None) - timedelta(seconds=self.options.expires)
+        now = datetime.now(UTC).replace(tzinfo=None)
         task, group = self._tables.task, self._tables.group
+        old: list[sa.ColumnElement[bool]] = []
+        if failure_expires is not None:
+            old.append(sa.and_(task.c.status == states.FAILURE,
+                               task.c.date_done < now - timedelta(seconds=failure_expires)))
+        if expires is not None:
+            cutoff = now - timedelta(seconds=expires)
+            old.append(task.c.date_done < cutoff if failure_expires is None
+                       else sa.and_(task.c.status != states.FAILURE, task.c.date_done < cutoff))
 
         def delete(conn: Connection) -> int:
-            done = conn.execute(sa.delete(task).where(task.c.date_done < cutoff)).rowcount
-            done += conn.execute(sa.delete(group).where(group.c.date_done < cutoff)).rowcount
+            done = conn.execute(sa.delete(task).where(sa.or_(*old))).rowcount
+            if expires is not None:
+                done += conn.execute(sa.delete(group).where(group.c.date_done < cutoff)).rowcount
             return int(done)
 
         return self._run("cleaning up expired results", delete, write=True)

@@ -13,9 +13,13 @@ Features:
   its ``count`` metadata) updated by compare-and-swap on its generation, created
   with ``if_generation_match=0``, retried on 412. GCS alone: no Firestore.
 * ``get_task_metas``: many metas read in parallel (a thread pool), for groups.
-* ``gcs_ttl``: each object gets ``custom_time = now + ttl`` for a bucket
-  lifecycle ``Delete`` rule (as Celery does; the rule itself is the bucket
-  owner's business). ``cleanup`` deletes metas older than ``expires`` by listing.
+* ``gcs_ttl``: each object gets ``custom_time = now + ttl`` (FAILURE results:
+  ``now + failure_expires`` when that is set) for a bucket lifecycle ``Delete``
+  rule with ``daysSinceCustomTime`` (as Celery does). The rule itself is the bucket
+  owner's business: at first use the backend reads the bucket's rules and logs a
+  warning when none matches (Celery refuses to start; we do not). ``cleanup``
+  deletes metas older than ``expires`` (FAILURE: ``failure_expires``) by listing.
+* ``task_result_exists``: the object exists.
 * ``wait_for`` polls (GCS cannot push). Transient errors are retried by the
   client (``DEFAULT_RETRY``, as Celery does); every google-cloud error that still
   escapes becomes ``taskframe.errors.BackendError``.
@@ -23,19 +27,21 @@ Features:
 URL: ``gs://<bucket>[/<base_path>][?gcs_project=<project>&gcs_ttl=<seconds>]``.
 ``STORAGE_EMULATOR_HOST`` points the client at an emulator (anonymous credentials).
 
-Options (``BackendOptions``): ``serializer``, ``accept``, ``expires`` (for
-``cleanup``), ``extended``; ``transport_options`` (or URL query): ``gcs_project``,
-``gcs_base_path`` (overrides the URL's path), ``gcs_ttl``, ``gcs_threadpool_maxsize`` (10).
+Options (``BackendOptions``): ``serializer``, ``accept``, ``expires`` and
+``failure_expires`` (for ``cleanup`` and ``custom_time``), ``extended``;
+``transport_options`` (or URL query): ``gcs_project``, ``gcs_base_path`` (overrides
+the URL's path), ``gcs_ttl``, ``gcs_threadpool_maxsize`` (10).
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import random
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
 from typing import Any, ClassVar, TypeVar, cast
@@ -53,6 +59,8 @@ from taskframe.protocol import states
 from taskframe.protocol.results import ResultContext, ResultMeta, make_meta
 
 __all__ = ["GCSBackend"]
+
+logger = logging.getLogger("taskframe.backends.gcs")
 
 T = TypeVar("T")
 
@@ -92,6 +100,7 @@ class GCSBackend(Backend):
         self._client: storage.Client | None = None
         self._bucket: storage.Bucket | None = None
         self._pid = os.getpid()
+        self._lifecycle_checked = False
 
     # -- plumbing -------------------------------------------------------------------------
 
@@ -102,7 +111,42 @@ class GCSBackend(Backend):
                 self._client = storage.Client(project=self.project)
                 self._bucket = self._client.bucket(self.bucket_name)
                 self._pid = os.getpid()
-            return self._bucket
+                check = bool(self.ttl) and not self._lifecycle_checked
+                self._lifecycle_checked = True
+            else:
+                check = False
+            bucket = self._bucket
+        if check:
+            self.check_lifecycle(bucket)
+        return bucket
+
+    def check_lifecycle(self, bucket: storage.Bucket) -> bool:
+        """Warn (once, at first use) when ``gcs_ttl`` has no lifecycle rule to act on it.
+
+        Objects get ``custom_time = now + ttl``; only a bucket lifecycle rule
+        ``{"action": {"type": "Delete"}, "condition": {"daysSinceCustomTime": N}}``
+        deletes them. Celery refuses to start without a Delete rule; we log a
+        warning and go on (reading the bucket's metadata may not be allowed).
+
+        Returns:
+            True when a matching rule was found.
+        """
+        try:
+            bucket.reload(retry=DEFAULT_RETRY)
+            rules = list(bucket.lifecycle_rules)
+        except (gexc.GoogleAPIError, auth_exc.GoogleAuthError, OSError) as exc:
+            logger.warning("gcs_ttl is set but the lifecycle rules of bucket %r could not be "
+                           "read (%s): make sure a Delete rule with daysSinceCustomTime "
+                           "exists, or results will never be deleted", self.bucket_name, exc)
+            return False
+        for rule in rules:
+            if (rule.get("action", {}).get("type") == "Delete"
+                    and "daysSinceCustomTime" in rule.get("condition", {})):
+                return True
+        logger.warning("gcs_ttl is set but bucket %r has no lifecycle rule "
+                       "{action: Delete, condition: daysSinceCustomTime}: results past "
+                       "their custom_time will NOT be deleted", self.bucket_name)
+        return False
 
     def _run(self, what: str, fn: Callable[[storage.Bucket], T]) -> T:
         """Call ``fn(bucket)``; translate every google-cloud error at this edge."""
@@ -120,10 +164,14 @@ class GCSBackend(Backend):
         return f"{self.base_path}/{key}" if self.base_path else key
 
     def _upload(self, bucket: storage.Bucket, name: str, data: bytes,
-                generation: int | None = None, metadata: dict[str, str] | None = None) -> None:
+                generation: int | None = None, metadata: dict[str, str] | None = None,
+                state: str | None = None) -> None:
         blob = bucket.blob(name)
         if self.ttl:
-            blob.custom_time = datetime.now(UTC) + timedelta(seconds=self.ttl)
+            ttl = self.ttl
+            if state == states.FAILURE and self.options.failure_expires is not None:
+                ttl = self.options.failure_expires
+            blob.custom_time = datetime.now(UTC) + timedelta(seconds=ttl)
         if metadata:
             blob.metadata = metadata
         blob.upload_from_string(data, content_type=self._codec.content_type,
@@ -174,7 +222,7 @@ class GCSBackend(Backend):
             generation = 0  # most stores create the object: try that first
             for _ in range(MAX_CAS_ATTEMPTS):
                 try:
-                    self._upload(bucket, name, data, generation)
+                    self._upload(bucket, name, data, generation, state=state)
                     return None
                 except gexc.PreconditionFailed:
                     pass
@@ -214,13 +262,20 @@ class GCSBackend(Backend):
                         lambda bucket: self._download(bucket, name))
         return self._decode_meta(task_id, raw)
 
-    def get_task_metas(self, task_ids: Sequence[str]) -> list[ResultMeta]:
-        """The metas of ``task_ids`` (in order), downloaded in parallel."""
-        if len(task_ids) <= 1:
-            return [self.get_task_meta(task_id) for task_id in task_ids]
-        workers = min(self.pool_size, len(task_ids))
+    def get_task_metas(self, task_ids: Iterable[str]) -> dict[str, ResultMeta]:
+        """The metas of ``task_ids``, downloaded in parallel (``gcs_threadpool_maxsize``)."""
+        ids = list(dict.fromkeys(task_ids))
+        if len(ids) <= 1:
+            return {task_id: self.get_task_meta(task_id) for task_id in ids}
+        workers = min(self.pool_size, len(ids))
         with ThreadPoolExecutor(max_workers=workers) as pool:
-            return list(pool.map(self.get_task_meta, task_ids))
+            return dict(zip(ids, pool.map(self.get_task_meta, ids), strict=True))
+
+    def task_result_exists(self, task_id: str) -> bool:
+        """True when the object of ``task_id`` exists."""
+        name = self.object_name(TASK_KEY_PREFIX + task_id)
+        return bool(self._run(f"checking the result of {task_id}",
+                              lambda bucket: bucket.blob(name).exists(retry=DEFAULT_RETRY)))
 
     def forget(self, task_id: str) -> None:
         """Delete the object of ``task_id``."""
@@ -280,6 +335,10 @@ class GCSBackend(Backend):
 
         return self._run(f"incrementing counter {key}", incr)
 
+    def delete_counter(self, key: str) -> None:
+        """Delete counter object ``key``."""
+        self._delete(f"deleting counter {key}", key)
+
     @staticmethod
     def _counter_value(blob: storage.Blob, generation: int) -> int:
         value = (blob.metadata or {}).get(COUNTER_FIELD)
@@ -291,15 +350,15 @@ class GCSBackend(Backend):
 
     def cleanup(self) -> int:
         """Delete task metas whose ``date_done`` (groups: last update) is older than ``expires``."""
-        if self.options.expires is None:
+        if self.options.expires is None and self.options.failure_expires is None:
             return 0
-        cutoff = datetime.now(UTC) - timedelta(seconds=self.options.expires)
+        now = datetime.now(UTC)
 
         def clean(bucket: storage.Bucket) -> int:
             deleted = 0
             for prefix in (TASK_KEY_PREFIX, GROUP_KEY_PREFIX):
                 for blob in bucket.client.list_blobs(bucket, prefix=self.object_name(prefix)):
-                    if self._expired(blob, prefix, cutoff):
+                    if self._expired(blob, prefix, now):
                         try:
                             blob.delete(if_generation_match=blob.generation)
                             deleted += 1
@@ -309,13 +368,18 @@ class GCSBackend(Backend):
 
         return self._run("cleaning up expired results", clean)
 
-    def _expired(self, blob: storage.Blob, prefix: str, cutoff: datetime) -> bool:
+    def _expired(self, blob: storage.Blob, prefix: str, now: datetime) -> bool:
         if prefix == GROUP_KEY_PREFIX:
-            return blob.updated is not None and blob.updated < cutoff
+            expires = self.options.expires
+            return (expires is not None and blob.updated is not None
+                    and blob.updated < now - timedelta(seconds=expires))
         try:
             meta = self._codec.decode(blob.download_as_bytes())
-            done = meta.get("date_done") if isinstance(meta, dict) else None
-            return bool(done) and datetime.fromisoformat(str(done)) < cutoff
+            if not isinstance(meta, dict) or not meta.get("date_done"):
+                return False
+            keep = self.expires_for(str(meta.get("status")))
+            done = datetime.fromisoformat(str(meta["date_done"]))
+            return keep is not None and done < now - timedelta(seconds=keep)
         except Exception:  # foreign or unreadable objects are not ours to delete
             return False
 

@@ -8,7 +8,8 @@ for tests, eager mode and single-process apps.
 
 URL: ``memory://`` (anything after the scheme is ignored).
 
-Options: ``BackendOptions.expires`` (for ``cleanup``) and ``extended``.
+Options: ``BackendOptions.expires`` and ``failure_expires`` (for ``cleanup``) and
+``extended``.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from __future__ import annotations
 import copy
 import threading
 import time
+from collections.abc import Iterable
 from datetime import UTC, datetime, timedelta
 from typing import Any, ClassVar
 
@@ -92,6 +94,21 @@ class MemoryBackend(Backend):
                     raise ResultTimeout(f"task {task_id} not ready after {timeout} s")
                 self._changed.wait(remaining)
 
+    def get_task_metas(self, task_ids: Iterable[str]) -> dict[str, ResultMeta]:
+        """The metas of ``task_ids`` under one lock (PENDING metas for unknown ids)."""
+        found: dict[str, ResultMeta] = {}
+        with self._changed:
+            for task_id in task_ids:
+                meta = self._metas.get(task_id)
+                found[task_id] = (make_meta(task_id, states.PENDING, None) if meta is None
+                                  else copy.deepcopy(meta))
+        return found
+
+    def task_result_exists(self, task_id: str) -> bool:
+        """True when a meta is stored for ``task_id``."""
+        with self._changed:
+            return task_id in self._metas
+
     def forget(self, task_id: str) -> None:
         """Delete the stored meta of ``task_id``."""
         with self._changed:
@@ -120,19 +137,32 @@ class MemoryBackend(Backend):
             self._counters[key] = value
             return value
 
-    def cleanup(self) -> int:
-        """Delete task and group results whose ``date_done`` is older than ``expires``."""
-        if self.options.expires is None:
-            return 0
-        cutoff = datetime.now(UTC) - timedelta(seconds=self.options.expires)
+    def delete_counter(self, key: str) -> None:
+        """Delete counter ``key``."""
         with self._changed:
-            old_tasks = [
-                tid for tid, meta in self._metas.items()
-                if meta.get("date_done") and datetime.fromisoformat(str(meta["date_done"])) < cutoff
-            ]
+            self._counters.pop(key, None)
+
+    def cleanup(self) -> int:
+        """Delete task and group results whose ``date_done`` is older than they are kept.
+
+        FAILURE results are kept ``failure_expires`` when that is set, others ``expires``.
+        """
+        now = datetime.now(UTC)
+        with self._changed:
+            old_tasks = [tid for tid, meta in self._metas.items() if self._expired(meta, now)]
             for tid in old_tasks:
                 del self._metas[tid]
+            if self.options.expires is None:
+                return len(old_tasks)
+            cutoff = now - timedelta(seconds=self.options.expires)
             old_groups = [gid for gid, (_, done) in self._groups.items() if done < cutoff]
             for gid in old_groups:
                 del self._groups[gid]
         return len(old_tasks) + len(old_groups)
+
+    def _expired(self, meta: ResultMeta, now: datetime) -> bool:
+        keep = self.expires_for(str(meta.get("status")))
+        done = meta.get("date_done")
+        if keep is None or not done:
+            return False
+        return datetime.fromisoformat(str(done)) < now - timedelta(seconds=keep)

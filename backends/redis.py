@@ -16,6 +16,7 @@ Features:
   the two), then wait for a message carrying a ready state. Subscriber
   connections are reused and always left unsubscribed; on a dropped connection
   the waiter re-subscribes and polls once (GET) before waiting again.
+* ``get_task_metas``: one ``MGET``; ``task_result_exists``: ``EXISTS``.
 * ``incr``: ``INCR`` + ``EXPIRE`` in one MULTI/EXEC; the key gets the global prefix.
 * Connection errors are retried (``max_retries`` times, with backoff); every
   redis-py error that still escapes becomes ``taskframe.errors.BackendError``.
@@ -27,10 +28,12 @@ URLs: ``redis://[[user]:password@]host[:port][/db]``, ``rediss://...`` (TLS),
 (transport option ``master_name``). Query options are read as transport options.
 
 Options (``BackendOptions``): ``serializer``, ``accept``, ``expires`` (the TTL;
-``None`` or <= 0: keys never expire), ``extended``, ``transport_options``
-(``global_keyprefix``, ``max_retries`` (4), ``socket_timeout``, ``socket_connect_timeout``,
-``health_check_interval``, ``client_name``, ``username``, ``password``,
-``master_name``, ``sentinel_kwargs``, ``ssl``).
+``None`` or <= 0: keys never expire), ``failure_expires`` (the TTL of FAILURE
+results, as Celery 5.7's ``result_failure_expires``; ``None``: ``expires``),
+``extended``, ``transport_options`` (``global_keyprefix``, ``max_retries`` (4),
+``socket_timeout``, ``socket_connect_timeout``, ``health_check_interval``,
+``client_name``, ``username``, ``password``, ``master_name``, ``sentinel_kwargs``,
+``ssl``).
 """
 
 from __future__ import annotations
@@ -40,7 +43,7 @@ import math
 import os
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from datetime import UTC, datetime, timedelta
 from functools import partial
 from typing import Any, ClassVar, TypeVar, cast
@@ -123,8 +126,8 @@ class RedisBackend(Backend):
         """The key of a group's meta."""
         return f"{self.keyprefix}{GROUP_KEY_PREFIX}{group_id}"
 
-    def _expires(self) -> int | None:
-        expires = self.options.expires
+    def _expires(self, state: str | None = None) -> int | None:
+        expires = self.options.expires if state is None else self.expires_for(state)
         if expires is None or expires <= 0:
             return None
         return max(1, math.ceil(expires))
@@ -158,8 +161,9 @@ class RedisBackend(Backend):
             except redis.exceptions.RedisError as exc:
                 raise BackendError(f"{what} failed: {type(exc).__name__}: {exc}") from exc
 
-    def _write(self, pipe: redis.client.Pipeline, key: str, data: bytes) -> None:
-        expires = self._expires()
+    def _write(self, pipe: redis.client.Pipeline, key: str, data: bytes,
+               state: str | None = None) -> None:
+        expires = self._expires(state)
         if expires is None:
             pipe.set(key, data)
         else:
@@ -199,7 +203,7 @@ class RedisBackend(Backend):
                             pipe.unwatch()
                             return current
                         pipe.multi()
-                        self._write(pipe, key, data)
+                        self._write(pipe, key, data, state)
                         pipe.execute()
                         return None
                     except redis.exceptions.WatchError:
@@ -222,6 +226,23 @@ class RedisBackend(Backend):
         raw = self._run(f"reading the result of {task_id}",
                         lambda client: _raw(client.get(key)))
         return self._decode_meta(task_id, raw)
+
+    def get_task_metas(self, task_ids: Iterable[str]) -> dict[str, ResultMeta]:
+        """The metas of ``task_ids`` with one ``MGET`` (PENDING metas for unknown ids)."""
+        ids = list(dict.fromkeys(task_ids))
+        if not ids:
+            return {}
+        keys = [self.task_key(task_id) for task_id in ids]
+        raws = self._run(f"reading {len(ids)} results",
+                         lambda client: [_raw(value) for value in client.mget(keys)])
+        return {task_id: self._decode_meta(task_id, raw)
+                for task_id, raw in zip(ids, raws, strict=True)}
+
+    def task_result_exists(self, task_id: str) -> bool:
+        """True when the key of ``task_id`` exists (``EXISTS``)."""
+        key = self.task_key(task_id)
+        return bool(self._run(f"checking the result of {task_id}",
+                              lambda client: client.exists(key)))
 
     def wait_for(
         self, task_id: str, timeout: float | None = None, interval: float = 0.5
@@ -384,6 +405,11 @@ class RedisBackend(Backend):
 
         return self._run(f"incrementing counter {key}", incr)
 
+    def delete_counter(self, key: str) -> None:
+        """``DEL`` counter ``key`` (global prefix added)."""
+        name = f"{self.keyprefix}{key}"
+        self._run(f"deleting counter {key}", lambda client: client.delete(name))
+
     # -- housekeeping ---------------------------------------------------------------------
 
     def cleanup(self) -> int:
@@ -392,33 +418,36 @@ class RedisBackend(Backend):
         Keys expire by their TTL, so this only matters after ``expires`` was
         lowered. It SCANs every key under this backend's prefixes: O(keys).
         """
-        if self.options.expires is None:
+        if self.options.expires is None and self.options.failure_expires is None:
             return 0
-        cutoff = datetime.now(UTC) - timedelta(seconds=self.options.expires)
+        now = datetime.now(UTC)
         deleted = 0
         for prefix in (TASK_KEY_PREFIX, GROUP_KEY_PREFIX):
             pattern = _glob_escape(f"{self.keyprefix}{prefix}") + "*"
             deleted += self._run("cleaning up expired results",
-                                 partial(self._delete_older, pattern=pattern, cutoff=cutoff))
+                                 partial(self._delete_older, pattern=pattern, now=now))
         return deleted
 
-    def _delete_older(self, client: redis.Redis, pattern: str, cutoff: datetime) -> int:
+    def _delete_older(self, client: redis.Redis, pattern: str, now: datetime) -> int:
         deleted = 0
         keys = list(client.scan_iter(match=pattern, count=500))
         for start in range(0, len(keys), 500):
             batch = keys[start:start + 500]
             raws = [_raw(value) for value in client.mget(batch)]
             old = [key for key, raw in zip(batch, raws, strict=True)
-                   if raw is not None and self._done_before(raw, cutoff)]
+                   if raw is not None and self._expired(raw, now)]
             if old:
                 deleted += int(client.delete(*old))
         return deleted
 
-    def _done_before(self, raw: bytes, cutoff: datetime) -> bool:
+    def _expired(self, raw: bytes, now: datetime) -> bool:
         try:
             meta = self._codec.decode(raw)
-            done = meta.get("date_done") if isinstance(meta, dict) else None
-            return bool(done) and datetime.fromisoformat(str(done)) < cutoff
+            if not isinstance(meta, dict) or not meta.get("date_done"):
+                return False
+            keep = self.expires_for(str(meta.get("status")))  # groups: no status, expires
+            done = datetime.fromisoformat(str(meta["date_done"]))
+            return keep is not None and done < now - timedelta(seconds=keep)
         except Exception:  # foreign or unreadable values are not ours to delete
             return False
 

@@ -13,7 +13,7 @@ __version__ = "0.1.0"
 
 if TYPE_CHECKING:
     from taskframe.app import Celery, Taskframe, current_app, shared_task
-    from taskframe.canvas import Signature, signature
+    from taskframe.canvas import Signature, chain, chord, chunks, group, signature, xmap, xstarmap
     from taskframe.context import Context
     from taskframe.errors import (
         Ignore,
@@ -29,6 +29,7 @@ if TYPE_CHECKING:
     )
     from taskframe.log import get_task_logger
     from taskframe.result import AsyncResult, EagerResult
+    from taskframe.result_group import GroupResult, ResultSet
     from taskframe.task import Task
     from taskframe.worker.worker import Worker
 
@@ -37,10 +38,12 @@ _EXPORTS = {
     "Celery": "taskframe.app",
     "Context": "taskframe.context",
     "EagerResult": "taskframe.result",
+    "GroupResult": "taskframe.result_group",
     "Ignore": "taskframe.errors",
     "MaxRetriesExceededError": "taskframe.errors",
     "NotRegistered": "taskframe.errors",
     "Reject": "taskframe.errors",
+    "ResultSet": "taskframe.result_group",
     "Retry": "taskframe.errors",
     "Signature": "taskframe.canvas",
     "SoftTimeLimitExceeded": "taskframe.errors",
@@ -51,10 +54,16 @@ _EXPORTS = {
     "TimeLimitExceeded": "taskframe.errors",
     "Worker": "taskframe.worker.worker",
     "WorkerLostError": "taskframe.errors",
+    "chain": "taskframe.canvas",
+    "chord": "taskframe.canvas",
+    "chunks": "taskframe.canvas",
     "current_app": "taskframe.app",
     "get_task_logger": "taskframe.log",
+    "group": "taskframe.canvas",
     "shared_task": "taskframe.app",
     "signature": "taskframe.canvas",
+    "xmap": "taskframe.canvas",
+    "xstarmap": "taskframe.canvas",
 }
 
 __all__ = [
@@ -62,10 +71,12 @@ __all__ = [
     "Celery",
     "Context",
     "EagerResult",
+    "GroupResult",
     "Ignore",
     "MaxRetriesExceededError",
     "NotRegistered",
     "Reject",
+    "ResultSet",
     "Retry",
     "Signature",
     "SoftTimeLimitExceeded",
@@ -77,10 +88,16 @@ __all__ = [
     "Worker",
     "WorkerLostError",
     "__version__",
+    "chain",
+    "chord",
+    "chunks",
     "current_app",
     "get_task_logger",
+    "group",
     "shared_task",
     "signature",
+    "xmap",
+    "xstarmap",
 ]
 
 

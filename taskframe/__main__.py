@@ -1,5 +1,5 @@
 """``python -m taskframe``: the same as the ``taskframe`` command."""
 
-from taskframe.cli import main
+from taskframe.bootstrap import main
 
 main()

@@ -25,10 +25,10 @@ import warnings
 import weakref
 from collections.abc import Callable, Iterable, Sequence
 from datetime import UTC, datetime, timedelta
-from typing import Any, Concatenate, Literal, ParamSpec, TypeVar, overload
+from typing import TYPE_CHECKING, Any, Concatenate, Literal, ParamSpec, TypeVar, overload
 
 from taskframe import signals
-from taskframe.backends import create_backend
+from taskframe.backends import create_backend, needs_task_call
 from taskframe.backends.base import Backend, BackendOptions
 from taskframe.config import Settings
 from taskframe.context import current_request
@@ -41,6 +41,9 @@ from taskframe.task import Task
 from taskframe.transport import Connection, Envelope, dumps
 from taskframe.transport.serialization import compress
 
+if TYPE_CHECKING:
+    from taskframe.control.client import Control
+
 __all__ = ["Celery", "Taskframe", "current_app", "shared_task"]
 
 logger = logging.getLogger("taskframe.app")
@@ -52,6 +55,8 @@ _state_lock = threading.RLock()
 _current_app: Taskframe | None = None
 _all_apps: list[Taskframe] = []
 _shared_tasks: list[Task[Any, Any]] = []
+# Clients a forked child inherited from its parent: referenced forever, never closed.
+_inherited_clients: list[tuple[Any, ...]] = []
 
 
 def current_app() -> Taskframe:
@@ -113,6 +118,9 @@ class Taskframe:
         self.worker_start_hooks: list[Callable[[], Any]] = []
         self.worker_stop_hooks: list[Callable[[], Any]] = []
         self.origin = f"gen{os.getpid()}@{socket.gethostname()}"
+        from taskframe.canvas_builtins import register_builtins
+
+        register_builtins(self)  # celery.map, celery.chord_unlock, ... (Celery canvases)
         with _state_lock:
             _all_apps.append(self)
             for shared in _shared_tasks:
@@ -266,6 +274,17 @@ class Taskframe:
                     self._backend = create_backend(self.result_backend_url, self.backend_options())
         return self._backend
 
+    @property
+    def control(self) -> Control:
+        """Remote control of the workers (``app.control.inspect().active()``, ``revoke``)."""
+        control: Control | None = self.__dict__.get("_control")
+        if control is None:
+            from taskframe.control.client import Control
+
+            with self._lock:
+                control = self.__dict__.setdefault("_control", Control(self))
+        return control
+
     def backend_options(self) -> BackendOptions:
         """The backend settings, copied out of ``conf``."""
         c = self.conf
@@ -274,12 +293,15 @@ class Taskframe:
             serializer=c.result_serializer,
             accept=tuple(accept),
             expires=_seconds(c.result_expires),
+            failure_expires=_seconds(c.result_failure_expires),
             extended=bool(c.result_extended),
             table_names=dict(c.database_table_names or {}),
             engine_options=dict(c.database_engine_options or {}),
             create_tables_at_setup=bool(c.database_create_tables_at_setup),
             short_lived_sessions=bool(c.database_short_lived_sessions),
             transport_options=dict(c.result_backend_transport_options or {}),
+            connection=self.connection, reply_to=self.origin,
+            persistent=bool(c.result_persistent),
         )
 
     def connection(self, url: str | None = None) -> Connection:
@@ -321,6 +343,20 @@ class Taskframe:
         if self._backend is not None:
             self._backend.close()
             self._backend = None
+
+    def _after_fork(self) -> None:
+        """Forget the clients inherited from the parent process (prefork children).
+
+        They are kept referenced, never closed: closing would end the parent's
+        sockets (an AMQP close frame, a SQLite handle). The child opens its own.
+        """
+        # No lock taken: another thread of the parent may have held one at fork time.
+        _inherited_clients.append((self._connections, self._local, self._backend,
+                                   self.__dict__.pop("_control", None)))
+        self._lock = threading.RLock()
+        self._connections = []
+        self._local = threading.local()
+        self._backend = None
 
     def close(self, *, backend: bool = True) -> None:
         """Close every broker connection this app opened, and the backend unless told not to."""
@@ -399,6 +435,7 @@ class Taskframe:
             chain=options.pop("chain", None), chord=options.pop("chord", None),
             correlation_id=task_id, reply_to=options.pop("reply_to", None) or self.origin,
             priority=priority, extra_headers=dict(headers or {}),
+            replaced_task_nesting=int(options.pop("replaced_task_nesting", None) or 0),
         )
         if task is not None:
             for key in ("exchange", "routing_key"):
@@ -406,6 +443,8 @@ class Taskframe:
                     options[key] = getattr(task, key)
         route = self.router.route(name, args, kwargs, options,
                                   task_queue=task.queue if task is not None else None)
+        if not ignore_result and needs_task_call(self.result_backend_url):
+            self.backend.on_task_call(task_id, message.reply_to)  # rpc: reply queue first
         self._publish(message, route, delay, serializer=serializer or (
             task.serializer if task is not None and task.serializer else None),
             compression=compression or (task.compression if task is not None else None),
@@ -455,6 +494,11 @@ class Taskframe:
         conn.ensure(publish, policy)
         signals.after_task_publish.send(sender=message.name, body=body, headers=headers,
                                         exchange=route.exchange, routing_key=route.routing_key)
+        if self.conf.task_send_sent_event:
+            from taskframe.events.sent import send_task_sent
+
+            send_task_sent(self, headers, queue=route.queue.name, exchange=route.exchange,
+                           routing_key=route.routing_key)
 
     def AsyncResult(self, task_id: str, task_name: str | None = None) -> AsyncResult[Any]:
         """A result handle for ``task_id``."""

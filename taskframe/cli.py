@@ -18,7 +18,15 @@ import click
 
 from taskframe import __version__
 from taskframe.app import Taskframe
+from taskframe.control.cli import (
+    control_command,
+    inspect_command,
+    revoke_command,
+    status_command,
+    worker_control_options,
+)
 from taskframe.errors import ImproperlyConfigured, TaskframeError, TimeoutError
+from taskframe.events.cli import events_command, worker_event_options
 from taskframe.pools import POOLS
 from taskframe.transport.errors import TransportError
 
@@ -141,8 +149,8 @@ def main(ctx: click.Context, app_spec: str | None, broker: str | None,
 
 @main.command()
 @click.option("-P", "--pool", type=click.Choice(sorted(POOLS)),
-              help="Pool implementation (prefork, gevent, eventlet and asyncio are not in "
-              "this version yet).")
+              help="Pool implementation. gevent and eventlet are chosen here, not by "
+              "worker_pool: the command monkey-patches for them before importing anything.")
 @click.option("-c", "--concurrency", type=click.IntRange(min=1), help="Number of pool slots.")
 @click.option("-Q", "--queues", help="Comma-separated queues to consume.")
 @click.option("-X", "--exclude-queues", help="Comma-separated queues not to consume.")
@@ -159,11 +167,23 @@ def main(ctx: click.Context, app_spec: str | None, broker: str | None,
               "to a free slot, which is what Celery's -O fair does for prefork.")
 @click.option("--soft-shutdown-timeout", type=float,
               help="Seconds running tasks get at warm shutdown (default: no limit).")
+@click.option("--time-limit", type=click.FloatRange(min=0, min_open=True),
+              help="Hard time limit of every task, seconds (task_time_limit; prefork).")
+@click.option("--soft-time-limit", type=click.FloatRange(min=0, min_open=True),
+              help="Soft time limit of every task, seconds (task_soft_time_limit).")
+@click.option("--max-tasks-per-child", type=click.IntRange(min=1),
+              help="Replace a prefork child after this many tasks.")
+@click.option("--max-memory-per-child", type=click.IntRange(min=1),
+              help="Replace a prefork child after a task leaves it above this RSS, in KiB.")
+@worker_event_options
+@worker_control_options
 @pass_ctx
 def worker(ctx: Context, pool: str | None, concurrency: int | None, queues: str | None,
            exclude_queues: str | None, hostname: str | None, loglevel: str, logfile: str | None,
            prefetch_multiplier: int | None, disable_prefetch: bool, optimization: str,
-           soft_shutdown_timeout: float | None) -> None:
+           soft_shutdown_timeout: float | None, time_limit: float | None = None,
+           soft_time_limit: float | None = None, max_tasks_per_child: int | None = None,
+           max_memory_per_child: int | None = None) -> None:
     """Start a worker."""
     from taskframe.pools import get_pool_class
     from taskframe.worker.worker import Worker
@@ -173,6 +193,12 @@ def worker(ctx: Context, pool: str | None, concurrency: int | None, queues: str 
         app.conf.worker_disable_prefetch = True
     if soft_shutdown_timeout is not None:
         app.conf.worker_soft_shutdown_timeout = soft_shutdown_timeout
+    for name, value in (("task_time_limit", time_limit),
+                        ("task_soft_time_limit", soft_time_limit),
+                        ("worker_max_tasks_per_child", max_tasks_per_child),
+                        ("worker_max_memory_per_child", max_memory_per_child)):
+        if value is not None:
+            setattr(app.conf, name, value)
     try:
         get_pool_class(pool or app.conf.worker_pool)
         node = Worker(app, hostname=hostname, pool=pool, concurrency=concurrency,
@@ -278,6 +304,11 @@ def cleanup(ctx: Context) -> None:
     except (TaskframeError, TransportError) as exc:
         fail(f"{type(exc).__name__}: {exc}", EX_UNAVAILABLE)
     click.echo(f"Deleted {removed} expired result{'s' if removed != 1 else ''}.")
+
+
+main.add_command(events_command)
+for _command in (inspect_command, control_command, revoke_command, status_command):
+    main.add_command(_command)
 
 
 def _split(value: str | None) -> list[str] | None:

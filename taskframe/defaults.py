@@ -36,6 +36,7 @@ DEFAULTS: dict[str, Any] = {
     "result_serializer": "json",
     "result_accept_content": None,
     "result_expires": 86400.0,
+    "result_failure_expires": None,
     "result_extended": False,
     "result_persistent": None,
     "result_compression": None,
@@ -90,6 +91,7 @@ DEFAULTS: dict[str, Any] = {
     # -- worker ------------------------------------------------------------------------
     "worker_concurrency": None,
     "worker_pool": "threads",
+    "worker_asyncio_uvloop": True,  # -P asyncio: use uvloop when it is installed
     "worker_prefetch_multiplier": 4,
     "worker_disable_prefetch": False,
     "worker_disable_rate_limits": False,
@@ -110,10 +112,25 @@ DEFAULTS: dict[str, Any] = {
     "worker_timer_precision": 1.0,
     "worker_lost_wait": 10.0,
     "worker_direct": False,
+    "worker_enable_remote_control": True,
+    "worker_revoked_max": 50000,
+    "worker_revoked_expires": 10800.0,
+    # -- remote control (pidbox) -------------------------------------------------------
+    "control_exchange": "celery",
+    "control_queue_ttl": 300.0,
+    "control_queue_expires": 10.0,
     # -- events, time, modules ---------------------------------------------------------
     "event_serializer": "json",
     "event_queue_ttl": 5.0,
     "event_queue_expires": 60.0,
+    "event_queue_prefix": "celeryev",
+    "event_queue_exclusive": True,
+    "event_queue_durable": False,
+    "event_exchange": "celeryev",
+    "worker_heartbeat_interval": 2.0,  # seconds between worker-heartbeat events (0: none)
+    "worker_health_file": None,  # touched while the consumer loop makes progress
+    "worker_health_port": None,  # HTTP liveness endpoint (200 healthy, 503 stalled)
+    "worker_health_timeout": 60.0,  # seconds without progress before unhealthy
     "timezone": None,
     "enable_utc": True,
     "imports": (),

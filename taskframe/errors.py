@@ -13,6 +13,7 @@ Hierarchy::
     ├── ResultError
     │   ├── TimeoutError              a result was not ready in time
     │   ├── BackendNotConfigured      results asked for with no result_backend
+    │   ├── IncompleteStream          collect() reached a result that is not ready
     │   └── BackendError              the result store failed (unreachable, refused)
     ├── TaskError                     raised inside or about one task
     │   ├── Retry                     control flow: the task asked to run again
@@ -58,6 +59,7 @@ __all__ = [
     "EncodeError",
     "Ignore",
     "ImproperlyConfigured",
+    "IncompleteStream",
     "InvalidTaskError",
     "MaxRetriesExceededError",
     "NotRegistered",
@@ -108,6 +110,10 @@ class TimeoutError(ResultError):
 
 class BackendNotConfigured(ResultError):
     """Raised when a result is asked for but no ``result_backend`` is configured."""
+
+
+class IncompleteStream(ResultError):
+    """Raised by ``iterdeps()`` when it reaches a result that is not ready yet."""
 
 
 class BackendError(ResultError):
@@ -191,6 +197,15 @@ class ChordError(TaskError):
 class SoftTimeLimitExceeded(TaskframeError):
     """Raised inside a running task when its soft time limit is reached."""
 
+    def __str__(self) -> str:
+        return f"SoftTimeLimitExceeded{self.args}"  # billiard's text
+
 
 class TimeLimitExceeded(TaskframeError):
-    """Raised (and stored) when a task hit its hard time limit and was stopped."""
+    """Raised (and stored) when a task hit its hard time limit and was stopped.
+
+    ``args`` is ``(limit_seconds,)``, as billiard stores it.
+    """
+
+    def __str__(self) -> str:
+        return f"TimeLimitExceeded{self.args}"  # billiard's text: TimeLimitExceeded(5.0,)

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import inspect
 import random
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from datetime import datetime, timedelta
 from typing import (
     TYPE_CHECKING,
@@ -40,6 +40,7 @@ __all__ = ["Task"]
 
 P = ParamSpec("P")
 R = TypeVar("R")
+T = TypeVar("T")
 
 #: Options ``@app.task(...)`` accepts besides ``name``, ``bind`` and ``base``.
 TASK_OPTIONS = frozenset({
@@ -158,16 +159,30 @@ class Task(Generic[P, R]):
             return self._fn(self, *args, **kwargs)
         return self._fn(*args, **kwargs)
 
-    def delay(self, *args: P.args, **kwargs: P.kwargs) -> AsyncResult[R]:
+    # An ``async def`` task is a Task[P, Coroutine[..., T]]: its result holds T.
+    @overload
+    def delay(self: Task[P, Coroutine[Any, Any, T]], *args: P.args,
+              **kwargs: P.kwargs) -> AsyncResult[T]: ...
+    @overload
+    def delay(self, *args: P.args, **kwargs: P.kwargs) -> AsyncResult[R]: ...
+
+    def delay(self, *args: Any, **kwargs: Any) -> AsyncResult[Any]:
         """Send the task to a worker with these arguments; shortcut of ``apply_async``."""
         return self.apply_async(args, kwargs)
+
+    @overload
+    def apply_async(self: Task[P, Coroutine[Any, Any, T]], args: Sequence[Any] | None = ...,
+                    kwargs: dict[str, Any] | None = ..., **options: Any) -> AsyncResult[T]: ...
+    @overload
+    def apply_async(self, args: Sequence[Any] | None = ..., kwargs: dict[str, Any] | None = ...,
+                    **options: Any) -> AsyncResult[R]: ...
 
     def apply_async(
         self,
         args: Sequence[Any] | None = None,
         kwargs: dict[str, Any] | None = None,
         **options: Any,
-    ) -> AsyncResult[R]:
+    ) -> AsyncResult[Any]:
         """Send the task with options (countdown, eta, expires, queue, priority, link, ...).
 
         Runs at once, in this process, when ``task_always_eager`` is set.
@@ -180,12 +195,19 @@ class Task(Generic[P, R]):
             return self.apply(args, kwargs, **options)
         return self.app.send_task(self.name, args, kwargs, task=self, **options)
 
+    @overload
+    def apply(self: Task[P, Coroutine[Any, Any, T]], args: Sequence[Any] | None = ...,
+              kwargs: dict[str, Any] | None = ..., **options: Any) -> EagerResult[T]: ...
+    @overload
+    def apply(self, args: Sequence[Any] | None = ..., kwargs: dict[str, Any] | None = ...,
+              **options: Any) -> EagerResult[R]: ...
+
     def apply(
         self,
         args: Sequence[Any] | None = None,
         kwargs: dict[str, Any] | None = None,
         **options: Any,
-    ) -> EagerResult[R]:
+    ) -> EagerResult[Any]:
         """Run the task in this process now and return an ``EagerResult``."""
         from taskframe.worker.trace import run_eager
 
@@ -271,6 +293,14 @@ class Task(Generic[P, R]):
             countdown = random.uniform(0, countdown)
         return countdown
 
+    def send_event(self, type_: str, **fields: Any) -> None:
+        """Send a custom event (``task-progress``, ...) about the running task, as
+        Celery's ``Task.send_event``: ``uuid`` is set, Flower and ``taskframe events``
+        show it. Nothing is sent outside a worker that sends events."""
+        from taskframe.events.node import send_task_event
+
+        send_task_event(type_, **fields)
+
     # -- signatures and results ---------------------------------------------------------
 
     def signature(self, args: Sequence[Any] | None = None, kwargs: dict[str, Any] | None = None,
@@ -289,6 +319,44 @@ class Task(Generic[P, R]):
         sig = self.signature(args, kwargs)
         sig["immutable"] = True
         return sig
+
+    def map(self, it: Any) -> Signature:
+        """One message that calls this task once per item (Celery's ``xmap``)."""
+        from taskframe.canvas import xmap
+
+        return xmap(self, it, app=self._app)
+
+    def starmap(self, it: Any) -> Signature:
+        """One message that calls this task with ``*item`` per item (``xstarmap``)."""
+        from taskframe.canvas import xstarmap
+
+        return xstarmap(self, it, app=self._app)
+
+    def chunks(self, it: Any, n: int) -> Signature:
+        """Split ``it`` into parts of ``n`` argument tuples, one message per part."""
+        from taskframe.canvas import chunks
+
+        return chunks(self, it, n, app=self._app)
+
+    def replace(self, sig: Any) -> Any:
+        """Replace the running task by ``sig``: it takes this task's id, links and chain.
+
+        Raises ``Ignore`` so nothing is stored for this run (the replacement's
+        result is). When the task runs eagerly, returns the replacement's value.
+        """
+        from taskframe.chord import replace_task
+        from taskframe.errors import Ignore
+
+        if self.request.is_eager:
+            return replace_task(self, sig)
+        replace_task(self, sig)
+        raise Ignore("Replaced by new task")
+
+    def add_to_chord(self, sig: Any, lazy: bool = False) -> Any:
+        """Add ``sig`` to the header of the chord this task belongs to; returns its result."""
+        from taskframe.chord import add_to_chord
+
+        return add_to_chord(self, sig, lazy)
 
     def AsyncResult(self, task_id: str) -> AsyncResult[R]:
         """A result handle for ``task_id`` of this task."""

@@ -75,6 +75,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import logging
+import select
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any, ClassVar
@@ -84,7 +85,7 @@ from amqp import exceptions as amqp_errors
 
 from . import amqp_delayed as ndd
 from .amqp_messages import describe_error, from_amqp, to_amqp
-from .base import Envelope, Message, Transport
+from .base import Envelope, Message, MessageState, Transport
 from .entities import Exchange, Queue
 from .errors import (
     BrokerConnectionError,
@@ -537,10 +538,34 @@ class AMQPTransport(Transport):
     def _drain_pending(self, limit: int) -> None:
         """Take in up to ``limit`` frames that already arrived, without waiting."""
         for _ in range(max(limit - len(self._buffer), 1)):
+            if not self._may_have_frames():
+                return
             try:
                 self._conn.drain_events(timeout=0)
             except TimeoutError:
                 return
+
+    def _may_have_frames(self) -> bool:
+        """False when nothing can be read now (plain TCP only; True when unsure).
+
+        py-spy on a no-op drain showed a fifth of the consumer's time in
+        ``drain_events(timeout=0)`` calls that found nothing: two ``settimeout``
+        calls, a ``recv`` and a raised timeout each. py-amqp reads a plain socket
+        exactly frame by frame, so with its read buffer empty an unreadable socket
+        means no frame; a TLS socket may hold decrypted bytes that ``select`` does
+        not see, so it is always read.
+        """
+        if self._ssl:
+            return True
+        transport = self._conn.transport
+        sock = getattr(transport, "sock", None)
+        if sock is None or len(getattr(transport, "_read_buffer", b"")):
+            return True
+        try:
+            readable, _, _ = select.select([sock], [], [], 0)
+        except (OSError, ValueError):  # closed, or a descriptor past FD_SETSIZE
+            return True
+        return bool(readable)
 
     def _room(self) -> int:
         if self._prefetch <= 0:
@@ -574,6 +599,40 @@ class AMQPTransport(Transport):
         self._release(message)
         with self._translate("acknowledging a message", channel_lost=True):
             self._sub.basic_ack(message.delivery_tag)
+
+    def ack_many(self, messages: Sequence[Message]) -> None:
+        """Ack held messages with as few ``basic.ack`` frames as the channel allows.
+
+        py-spy on a no-op drain showed a frame write per ack (``basic_ack`` ->
+        ``write``) as a fifth of the consumer's time. When the batch holds every
+        held message up to some delivery tag, one ``basic.ack(multiple=True)``
+        settles them all (the messages still in the buffer came later, with higher
+        tags, and are not touched); the others go one by one.
+        """
+        if len(messages) == 1:
+            messages[0].ack()
+            return
+        self._require()
+        for message in messages:
+            message._check_unsettled()
+            if self._held.get(message.delivery_tag) is not message:
+                self._release(message)  # raises MessageStateError
+        batch = {message.delivery_tag for message in messages}
+        upto = None
+        for tag in sorted(self._held):
+            if tag not in batch:
+                break
+            upto = tag
+        for message in messages:
+            self._held.pop(message.delivery_tag, None)
+        with self._translate("acknowledging messages", channel_lost=True):
+            if upto is not None:
+                self._sub.basic_ack(upto, multiple=True)
+            for tag in sorted(batch):
+                if upto is None or tag > upto:
+                    self._sub.basic_ack(tag)
+        for message in messages:
+            message.state = MessageState.ACKED
 
     def reject(self, message: Message, *, requeue: bool) -> None:
         self._require()

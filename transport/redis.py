@@ -96,7 +96,7 @@ from redis.commands.core import Script
 
 from . import redis_scripts as lua
 from . import redis_upkeep as upkeep
-from .base import Envelope, Message, Transport
+from .base import Envelope, Message, MessageState, Transport
 from .entities import Exchange, Queue
 from .errors import BrokerConnectionError, DecodeError, ImproperlyConfigured, TransportError
 from .redis_fanout import FanoutSubscriber
@@ -533,6 +533,40 @@ class RedisTransport(Transport):
 
     def ack(self, message: Message) -> None:
         self._forget(message, "ack")
+
+    def ack_many(self, messages: Sequence[Message]) -> None:
+        """Ack held messages in one MULTI/EXEC round trip.
+
+        py-spy on a no-op drain showed one pipeline round trip per ack (``_forget``)
+        taking a third of the consumer's time; the same ZREM and HDELs of many tags
+        go in one transaction, still atomic, with a reply per tag.
+        """
+        if len(messages) == 1:
+            messages[0].ack()
+            return
+        for message in messages:
+            message._check_unsettled()
+        tags = [str(m.delivery_tag) for m in messages]
+        held = [tag for tag in tags if tag in self._held]
+        if held:
+            client = self._redis()
+            layout = self._layout
+            unacked = layout.key(layout.unacked)
+            try:
+                with translate_errors(f"ack of {len(held)} message(s)"):
+                    pipe = client.pipeline()
+                    pipe.zrem(layout.key(layout.unacked_index), *held)
+                    for tag in held:
+                        pipe.hdel(unacked, tag)
+                    removed = pipe.execute()[1:]
+            finally:
+                for tag in held:  # as in _forget: never refreshed again
+                    self._held.pop(tag, None)
+            for tag, count in zip(held, removed, strict=True):
+                if not count:
+                    self._warn_lost("ack", tag)
+        for message in messages:
+            message.state = MessageState.ACKED
 
     def reject(self, message: Message, *, requeue: bool) -> None:
         if not requeue:

@@ -1,4 +1,8 @@
-"""One contract for every result backend: memory, SQLite, PostgreSQL, MariaDB, Redis, GCS."""
+"""One contract for every result backend: memory, SQLite, PostgreSQL, MariaDB, Redis, GCS.
+
+``rpc://`` stores nothing (results are messages to the sender's queue), so it cannot keep
+this contract: t/integration/test_backend_rpc.py covers it on RabbitMQ and Redis.
+"""
 
 from __future__ import annotations
 
@@ -295,3 +299,59 @@ def test_recovers_when_the_server_drops_the_connection(make_backend: Factory) ->
     backend.mark_as_done(second, 2)
     assert backend.get_task_meta(first)["result"] == 1
     assert backend.get_task_meta(second)["result"] == 2
+
+
+def test_get_task_metas(backend: Backend) -> None:
+    done, failed, unknown = tid(), tid(), tid()
+    backend.mark_as_done(done, [1, "x"])
+    backend.mark_as_failure(failed, KeyError("k"))
+    metas = backend.get_task_metas([done, unknown, failed, done])
+    assert list(metas) == [done, unknown, failed]  # each id once, in the order asked
+    assert metas[done]["status"] == states.SUCCESS and metas[done]["result"] == [1, "x"]
+    assert metas[done]["task_id"] == done
+    assert metas[unknown]["status"] == states.PENDING and metas[unknown]["task_id"] == unknown
+    assert isinstance(decode_result(metas[failed]), KeyError)
+    assert metas == {task_id: backend.get_task_meta(task_id)
+                     for task_id in (done, unknown, failed)}
+    assert backend.get_task_metas([]) == {}
+
+
+def test_get_task_metas_of_many(backend: Backend) -> None:
+    ids = [tid() for _ in range(1200)]  # past the database's IN batch of 500
+    for task_id in ids[::100]:
+        backend.mark_as_done(task_id, task_id)
+    metas = backend.get_task_metas(ids)
+    assert len(metas) == 1200
+    assert {i for i, m in metas.items() if m["status"] == states.SUCCESS} == set(ids[::100])
+    assert all(metas[i]["result"] == i for i in ids[::100])
+
+
+def test_task_result_exists(backend: Backend) -> None:
+    task_id = tid()
+    assert not backend.task_result_exists(task_id)
+    backend.mark_as_started(task_id)
+    assert backend.task_result_exists(task_id)
+    backend.mark_as_done(task_id, None)
+    assert backend.task_result_exists(task_id)
+    backend.forget(task_id)
+    assert not backend.task_result_exists(task_id)
+
+
+def test_cleanup_with_failure_expires(make_backend: Factory) -> None:
+    backend = make_backend(expires=3600.0, failure_expires=-60.0)
+    ok, bad, revoked = tid(), tid(), tid()
+    backend.mark_as_done(ok, 1)
+    backend.mark_as_failure(bad, ValueError("gone soon"))
+    backend.mark_as_revoked(revoked)
+    assert backend.cleanup() == 1  # only the FAILURE is past its (shorter) time
+    assert backend.get_task_meta(bad)["status"] == states.PENDING
+    assert backend.get_task_meta(ok)["status"] == states.SUCCESS
+    assert backend.get_task_meta(revoked)["status"] == states.REVOKED
+    # failure_expires alone (results otherwise kept forever) still cleans failures.
+    forever = make_backend(expires=None, failure_expires=-60.0)
+    kept, again = tid(), tid()
+    forever.mark_as_done(kept, 2)
+    forever.mark_as_failure(again, ValueError("x"))
+    assert forever.cleanup() == 1
+    assert forever.get_task_meta(kept)["status"] == states.SUCCESS
+    assert forever.get_task_meta(again)["status"] == states.PENDING

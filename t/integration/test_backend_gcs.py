@@ -101,7 +101,7 @@ def test_parallel_reads_keep_order(base: str) -> None:
         ids = [f"p-{i}" for i in range(12)]
         for i, task_id in enumerate(ids[:10]):
             backend.mark_as_done(task_id, i)
-        metas = backend.get_task_metas(ids)
+        metas = list(backend.get_task_metas(ids).values())
         assert [m["task_id"] for m in metas] == ids
         assert [m["result"] for m in metas[:10]] == list(range(10))
         assert [m["status"] for m in metas[10:]] == [states.PENDING] * 2

@@ -8,11 +8,11 @@ import sys
 import taskframe
 
 EXPECTED = [
-    "AsyncResult", "Celery", "Context", "EagerResult", "Ignore", "MaxRetriesExceededError",
-    "NotRegistered", "Reject", "Retry", "Signature", "SoftTimeLimitExceeded", "Task",
-    "TaskRevokedError", "Taskframe", "TaskframeError", "TimeLimitExceeded", "Worker",
-    "WorkerLostError", "__version__", "current_app", "get_task_logger", "shared_task",
-    "signature",
+    "AsyncResult", "Celery", "Context", "EagerResult", "GroupResult", "Ignore",
+    "MaxRetriesExceededError", "NotRegistered", "Reject", "ResultSet", "Retry", "Signature",
+    "SoftTimeLimitExceeded", "Task", "TaskRevokedError", "Taskframe", "TaskframeError",
+    "TimeLimitExceeded", "Worker", "WorkerLostError", "__version__", "chain", "chord", "chunks",
+    "current_app", "get_task_logger", "group", "shared_task", "signature", "xmap", "xstarmap",
 ]
 
 

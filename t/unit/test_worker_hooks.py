@@ -73,3 +73,27 @@ def test_a_failing_start_hook_stops_the_worker_before_it_takes_messages(app: Tas
     assert worker.start() == EX_SOFTWARE
     assert worker.consumer is None
     assert result.state == "PENDING"
+
+
+def test_asyncio_pool_runs_hooks_on_its_own_loop(app: Taskframe) -> None:
+    import asyncio
+
+    loops: dict[str, Any] = {}
+
+    @app.on_worker_start
+    async def open_pool() -> None:
+        loops["hook"] = asyncio.get_running_loop()
+
+    @app.task
+    async def which_loop() -> bool:
+        return asyncio.get_running_loop() is loops["hook"]
+
+    worker = Worker(app, pool="asyncio", concurrency=2, setup_logs=False,
+                    install_signal_handlers=False)
+    thread = threading.Thread(target=worker.start, daemon=True)
+    thread.start()
+    try:
+        assert which_loop.delay().get(timeout=10) is True
+    finally:
+        worker.stop()
+        thread.join(10)

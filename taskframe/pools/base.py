@@ -133,6 +133,23 @@ class Pool(abc.ABC):
         """How many more jobs can start now."""
         return max(0, self.concurrency - self.active)
 
+    @property
+    def queue_ahead(self) -> int:
+        """Jobs the consumer may submit beyond ``concurrency`` (default none).
+
+        A pool that holds them starts each the moment a slot frees, without a trip
+        through the consumer's thread, still to whichever slot frees first; it must
+        give back the ones not started with ``take_back``.
+        """
+        return 0
+
+    def take_back(self) -> list[TaskJob]:
+        """Remove and return the submitted jobs no slot took yet (shutdown, reconnect).
+
+        They get neither ``on_accepted`` nor ``on_done``.
+        """
+        return []
+
     def abort(self, job: TaskJob, reason: str) -> None:
         """Ask one running job to stop: ``request.should_abort()`` turns true."""
         job.context.request_abort(reason)

@@ -74,6 +74,9 @@ class ResultContext:
         group_id: set when the task is a group member; stored as ``group_id``.
         parent_id: the task that published this one; stored as ``parent_id``.
         children: result tuples of tasks this one started (``result_tuple``).
+        reply_to: the queue the sender reads replies from (the ``rpc`` backend
+            publishes results there; nothing is sent when it is unset).
+        correlation_id: the id replies carry (the task id when unset).
     """
 
     name: str | None = None
@@ -85,6 +88,8 @@ class ResultContext:
     group_id: str | None = None
     parent_id: str | None = None
     children: list[Any] = field(default_factory=list)
+    reply_to: str | None = None
+    correlation_id: str | None = None
 
 
 def result_tuple(task_id: str, parent: list[Any] | None = None) -> list[Any]:

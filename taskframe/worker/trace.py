@@ -7,6 +7,7 @@ eager calls alike. It never raises for a task's own exception: the outcome
 
 from __future__ import annotations
 
+import inspect
 import logging
 import os
 import traceback as tb_module
@@ -21,12 +22,13 @@ from taskframe.context import Context, request_context
 from taskframe.errors import Ignore, Reject, Retry
 from taskframe.protocol import states
 from taskframe.protocol.results import ResultContext
+from taskframe.worker.coroutines import run_coroutine
 
 if TYPE_CHECKING:
     from taskframe.result import EagerResult
     from taskframe.task import Task
 
-__all__ = ["Outcome", "execute", "publish_retry", "run_eager"]
+__all__ = ["Outcome", "execute", "fail_outside", "publish_retry", "run_eager"]
 
 logger = logging.getLogger("taskframe.worker.trace")
 
@@ -46,6 +48,7 @@ def _result_context(task: Task[Any, Any], ctx: Context) -> ResultContext:
         name=task.name, args=list(ctx.args), kwargs=dict(ctx.kwargs), worker=ctx.hostname,
         retries=ctx.retries, queue=ctx.delivery_info.get("routing_key"),
         group_id=ctx.group, parent_id=ctx.parent_id,
+        reply_to=ctx.reply_to, correlation_id=ctx.correlation_id,
     )
 
 
@@ -60,11 +63,18 @@ def _store_enabled(task: Task[Any, Any], ctx: Context, *, failure: bool = False)
 
 
 def execute(task: Task[Any, Any], ctx: Context, *, store: bool = True) -> Outcome:
-    """Run ``task`` with ``ctx`` as its request and return the outcome."""
+    """Run ``task`` with ``ctx`` as its request and return the outcome.
+
+    An ``async def`` task's coroutine runs to its end in an event loop of its own
+    (``run_coroutine``); the ``asyncio`` pool awaits it on its loop instead
+    (``taskframe.worker.trace_async``).
+    """
     args, kwargs = list(ctx.args), dict(ctx.kwargs)
     backend = task.backend if store else None
-    signals.task_prerun.send(sender=task, task_id=ctx.id, task=task, args=args, kwargs=kwargs)
     with request_context(ctx):
+        # Inside the request, as in Celery: receivers may read ``task.request``.
+        signals.task_prerun.send(sender=task, task_id=ctx.id, task=task, args=args,
+                                 kwargs=kwargs)
         outcome = _run_body(task, ctx, args, kwargs, backend)
         try:
             task.after_return(outcome.state, outcome.retval, str(ctx.id), args, kwargs,
@@ -78,33 +88,53 @@ def execute(task: Task[Any, Any], ctx: Context, *, store: bool = True) -> Outcom
 
 def _run_body(task: Task[Any, Any], ctx: Context, args: list[Any], kwargs: dict[str, Any],
               backend: Any) -> Outcome:
-    task_id = str(ctx.id)
     try:
-        if backend is not None and _track_started(task) and not ctx.ignore_result:
-            backend.mark_as_started(task_id, context=_result_context(task, ctx),
-                                    meta={"pid": os.getpid(), "hostname": ctx.hostname})
-        task.before_start(task_id, args, kwargs)
+        _before_body(task, ctx, args, kwargs, backend)
         try:
             retval = task.run(*args, **kwargs)
+            if inspect.iscoroutine(retval):
+                # An ``async def`` task: run it to the end in an event loop of its own.
+                retval = run_coroutine(retval)
         except Exception as exc:
-            if task.autoretry_for and isinstance(exc, task.autoretry_for) \
-                    and not isinstance(exc, Retry | Ignore | Reject):
-                retry_options = dict(task.retry_kwargs)
-                retry_options.pop("countdown", None)
-                task.retry(exc=exc, countdown=task.autoretry_countdown(ctx.retries),
-                           **retry_options)
+            _maybe_autoretry(task, ctx, exc)
             raise
-    except Retry as retry:
-        return _on_retry(task, ctx, retry, backend)
-    except Ignore:
-        return Outcome(states.IGNORED)
-    except Reject as reject:
-        signals.task_rejected.send(sender=task, request=ctx, exc=reject)
-        logger.info("Task %s[%s] rejected: %s", task.name, task_id, reject.reason)
-        return Outcome(states.REJECTED, reject, requeue=reject.requeue)
     except Exception as exc:
-        return _on_failure(task, ctx, exc, backend)
+        return _exception_outcome(task, ctx, exc, backend)
     return _on_success(task, ctx, retval, backend)
+
+
+def _before_body(task: Task[Any, Any], ctx: Context, args: list[Any], kwargs: dict[str, Any],
+                 backend: Any) -> None:
+    """STARTED state (``track_started``) and ``before_start``."""
+    task_id = str(ctx.id)
+    if backend is not None and _track_started(task) and not ctx.ignore_result:
+        backend.mark_as_started(task_id, context=_result_context(task, ctx),
+                                meta={"pid": os.getpid(), "hostname": ctx.hostname})
+    task.before_start(task_id, args, kwargs)
+
+
+def _maybe_autoretry(task: Task[Any, Any], ctx: Context, exc: Exception) -> None:
+    """``autoretry_for``: turn a listed exception into ``task.retry`` (which raises)."""
+    if task.autoretry_for and isinstance(exc, task.autoretry_for) \
+            and not isinstance(exc, Retry | Ignore | Reject):
+        retry_options = dict(task.retry_kwargs)
+        retry_options.pop("countdown", None)
+        task.retry(exc=exc, countdown=task.autoretry_countdown(ctx.retries), **retry_options)
+
+
+def _exception_outcome(task: Task[Any, Any], ctx: Context, exc: Exception,
+                       backend: Any) -> Outcome:
+    """The outcome of a body that raised; call it inside the ``except`` block (the
+    failure's traceback is read from ``sys.exc_info()``)."""
+    if isinstance(exc, Retry):
+        return _on_retry(task, ctx, exc, backend)
+    if isinstance(exc, Ignore):
+        return Outcome(states.IGNORED)
+    if isinstance(exc, Reject):
+        signals.task_rejected.send(sender=task, request=ctx, exc=exc)
+        logger.info("Task %s[%s] rejected: %s", task.name, ctx.id, exc.reason)
+        return Outcome(states.REJECTED, exc, requeue=exc.requeue)
+    return _on_failure(task, ctx, exc, backend)
 
 
 def _track_started(task: Task[Any, Any]) -> bool:
@@ -136,9 +166,22 @@ def _on_retry(task: Task[Any, Any], ctx: Context, retry: Retry, backend: Any) ->
     return Outcome(states.RETRY, retry, einfo)
 
 
-def _on_failure(task: Task[Any, Any], ctx: Context, exc: Exception, backend: Any) -> Outcome:
+def fail_outside(task: Task[Any, Any], ctx: Context, exc: Exception, *, store: bool,
+                 traceback: str) -> Outcome:
+    """Settle a run that ended outside its body: FAILURE as if the body had raised ``exc``.
+
+    For a process pool's parent when the child cannot report (a hard time limit, a
+    child lost to a signal): the result is stored, ``on_failure`` and the
+    ``task_failure`` signal run, and errbacks and a chord's count are handled, so a
+    chain or chord never waits for a run that will not report.
+    """
+    return _on_failure(task, ctx, exc, task.backend if store else None, einfo=traceback)
+
+
+def _on_failure(task: Task[Any, Any], ctx: Context, exc: Exception, backend: Any, *,
+                einfo: str | None = None) -> Outcome:
     task_id = str(ctx.id)
-    einfo = tb_module.format_exc()
+    einfo = tb_module.format_exc() if einfo is None else einfo
     if backend is not None and _store_enabled(task, ctx, failure=True):
         backend.mark_as_failure(task_id, exc, traceback=einfo,
                                 context=_result_context(task, ctx))
@@ -163,28 +206,46 @@ def _hook(task: Task[Any, Any], name: str, *args: Any) -> None:
 
 
 def _dispatch_callbacks(task: Task[Any, Any], ctx: Context, retval: Any) -> None:
+    """Send the links, then the next chain step, then count a chord part.
+
+    Several links are sent as Celery 5.7 sends them: each group link on its own,
+    the other links together as one group (so they share a ``group_id``). With
+    ``task_inherit_parent_priority`` they get this task's priority.
+    """
+    from taskframe.canvas import group
+    from taskframe.chord import on_chord_part_return
+
     app = task.app
     family: dict[str, Any] = {"parent_id": ctx.id, "root_id": ctx.root_id or ctx.id}
-    for sig in ctx.callbacks or ():
-        Signature(sig, app=app).apply_async((retval,), **family)
+    if app.conf.task_inherit_parent_priority and ctx.priority is not None:
+        family["priority"] = ctx.priority
+    links = [Signature.from_dict(sig, app=app) for sig in ctx.callbacks or ()]
+    if len(links) == 1:
+        links[0].apply_async((retval,), **family)
+    elif links:
+        for link in links:
+            if isinstance(link, group):
+                link.apply_async((retval,), **family)
+        others = [link for link in links if not isinstance(link, group)]
+        if others:
+            group(*others, app=app).apply_async((retval,), **family)
     if ctx.chain:
         remaining = list(ctx.chain)
-        following = Signature(remaining.pop(), app=app)
+        following = Signature.from_dict(remaining.pop(), app=app)
         following.apply_async((retval,), chain=remaining or None, **family)
+    if ctx.group and ctx.chord:
+        on_chord_part_return(task, ctx, states.SUCCESS, retval)
 
 
 def _dispatch_errbacks(task: Task[Any, Any], ctx: Context, exc: Exception, einfo: str) -> None:
-    app = task.app
-    for sig_dict in ctx.errbacks or ():
-        sig = Signature(sig_dict, app=app)
-        local = app.tasks.get(sig.name)
-        try:
-            if local is not None and _takes_request(local):
-                local.run(ctx, exc, einfo, *sig.args, **sig.kwargs)
-            else:
-                sig.apply_async((ctx.id,), parent_id=ctx.id, root_id=ctx.root_id or ctx.id)
-        except Exception:
-            logger.exception("errback %r of %s[%s] raised", sig, task.name, ctx.id)
+    """Call the errbacks, fail the chain steps that will never run, count a chord part."""
+    from taskframe.chord import call_errbacks, fail_chain, on_chord_part_return
+
+    call_errbacks(task.app, ctx.errbacks, ctx, exc, einfo)
+    if ctx.chain:
+        fail_chain(task.app, ctx.chain, exc, einfo)
+    if ctx.group and ctx.chord:
+        on_chord_part_return(task, ctx, states.FAILURE, exc)
 
 
 def _takes_request(task: Task[Any, Any]) -> bool:
@@ -222,7 +283,8 @@ def publish_retry(task: Task[Any, Any], request: Context, args: Sequence[Any] | 
         group_index=request.group_index, root_id=request.root_id, parent_id=request.id,
         priority=request.priority, time_limit=request.timelimit[0],
         soft_time_limit=request.timelimit[1], shadow=request.shadow,
-        ignore_result=request.ignore_result, queue=queue, task=task, **options,
+        ignore_result=request.ignore_result, queue=queue, task=task,
+        reply_to=options.pop("reply_to", None) or request.reply_to, **options,
     )
 
 

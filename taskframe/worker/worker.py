@@ -2,7 +2,8 @@
 
 ``start()``:
   logging -> import task modules -> ``worker_init`` -> connect to the broker
-  (retrying as configured) -> pool -> consumer -> signal handlers ->
+  (retrying as configured) -> events (``worker-online``) -> pool -> consumer ->
+  health check -> signal handlers ->
   ``worker_ready`` -> the receive loop.
 
 ``stop`` (first SIGTERM/SIGINT, warm): stop taking messages, give back the
@@ -27,7 +28,10 @@ from types import FrameType
 from typing import TYPE_CHECKING, Any
 
 from taskframe import signals
+from taskframe.control.worker_state import RemoteControl, load_revoked
 from taskframe.errors import BrokerConnectionError, TransportError
+from taskframe.events.health import HealthMonitor, start_health
+from taskframe.events.node import WorkerEvents
 from taskframe.log import setup_logging
 from taskframe.pools import get_pool_class
 from taskframe.worker.consumer import Consumer
@@ -106,6 +110,9 @@ class Worker:
             self.prefetch_count = self.concurrency
         self.install_signal_handlers = install_signal_handlers
         self.consumer: Consumer | None = None
+        self.events: WorkerEvents | None = None
+        self.health: HealthMonitor | None = None
+        self.remote: RemoteControl | None = None
         self._cold = threading.Event()
         self._signals_seen = 0
         self.exit_code = EX_OK
@@ -136,19 +143,28 @@ class Worker:
             logger.critical("Cannot connect to the broker %s: %s. Giving up.",
                             connection.safe_url(), exc)
             return EX_UNAVAILABLE
+        # Before the pool: forked pool children inherit the task-event signal hooks.
+        self.events = WorkerEvents(self.app, self.hostname, self._event_numbers)
+        self.events.start()
         pool = get_pool_class(self.pool_name)(self.concurrency, app=self.app)
         pool.start()
         try:
             pool.run_hooks(self.app.worker_start_hooks)
         except Exception as exc:
             logger.critical("a worker start hook failed: %r. Exiting.", exc, exc_info=exc)
+            self.events.stop()
             pool.stop(wait=False, timeout=1.0)
             connection.close()
             return EX_SOFTWARE
         self.consumer = Consumer(self.app, connection, self.queues(), pool,
                                  hostname=self.hostname, prefetch_count=self.prefetch_count)
+        revoked, statedb, store = load_revoked(self.app, conf.worker_state_db)
+        self.consumer.revoked = revoked
         try:
+            self.health = start_health(self.app.conf, self.consumer, self.hostname)
             self.consumer.start_consuming()
+            self.remote = RemoteControl.start(self, self.consumer, revoked=revoked,
+                                              statedb=statedb, store=store, events=self.events)
             if self.install_signal_handlers:
                 self._install_signal_handlers()
             self._log_banner(connection.safe_url())
@@ -206,19 +222,33 @@ class Worker:
             pool.run_hooks(self.app.worker_stop_hooks)
         except Exception as exc:
             logger.error("a worker stop hook failed: %r", exc, exc_info=exc)
+        if self.remote is not None:
+            self.remote.stop()  # answered inspect/control during the warm shutdown
         pool.stop(wait=not self._cold.is_set(), timeout=1.0)
+        if self.health is not None:
+            self.health.stop()
+        if self.events is not None:
+            self.events.stop()  # worker-offline, after the last task events
         connection.close()
         signals.worker_shutdown.send(sender=self)
         # Broker connections only: the app (and its backend) may live on in this process.
         self.app.close(backend=False)
 
+    def _event_numbers(self) -> tuple[int, int]:
+        """``(active, processed)`` for the worker events."""
+        consumer = self.consumer
+        return (0, 0) if consumer is None else (len(consumer.active), consumer.processed)
+
     # -- signals and banner -------------------------------------------------------------
 
     def _install_signal_handlers(self) -> None:
-        if threading.current_thread() is not threading.main_thread():
+        # signal.signal checks the OS thread itself; threading.main_thread() does not
+        # match the main thread under eventlet's monkey patching.
+        try:
+            signal.signal(signal.SIGTERM, self._on_signal)
+            signal.signal(signal.SIGINT, self._on_signal)
+        except ValueError:  # not the main thread: the embedding program handles signals
             return
-        signal.signal(signal.SIGTERM, self._on_signal)
-        signal.signal(signal.SIGINT, self._on_signal)
 
     def _on_signal(self, signum: int, frame: FrameType | None) -> None:
         self._signals_seen += 1

@@ -1,0 +1,154 @@
+"""One contract, every pool in ``taskframe.pools.POOLS``, each in a worker subprocess.
+
+For each ``-P`` name: results and failures of sync and ``async def`` tasks, the request
+seen inside a task, soft and hard time limits where the pool ``enforces_time_limits``, and
+the soft-shutdown deadline: ``should_abort()`` for sync tasks, ``asyncio.CancelledError``
+for ``async def`` ones. A pool added to ``POOLS`` is covered here
+without touching this file. Broker and results: the shared Redis (a key prefix per test).
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent / "poolproj"))
+from poolfleet import PoolFleet
+from workers import wait_until
+
+from taskframe.errors import SoftTimeLimitExceeded, TimeLimitExceeded
+from taskframe.pools import POOLS
+from taskframe.protocol import states
+
+
+def _pool_facts() -> dict[str, dict[str, object]]:
+    """Class facts of every pool, asked in a subprocess: importing gevent or eventlet
+    here is not wanted, and a pool whose package is missing is reported, not imported."""
+    code = (
+        "import json\n"
+        "from taskframe.pools import POOLS\n"
+        "from taskframe.errors import ImproperlyConfigured\n"
+        "facts = {}\n"
+        "for name in POOLS:\n"
+        "    try:\n"
+        "        cls = POOLS[name]\n"
+        "    except ImproperlyConfigured as exc:\n"
+        "        facts[name] = {'missing': str(exc)}\n"
+        "    else:\n"
+        "        facts[name] = {'enforces_time_limits': cls.enforces_time_limits}\n"
+        "print(json.dumps(facts))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=60, check=True)
+    return dict(json.loads(out.stdout.strip().splitlines()[-1]))
+
+
+_FACTS: dict[str, dict[str, object]] = {}
+
+
+def facts(pool: str) -> dict[str, object]:
+    if not _FACTS:
+        _FACTS.update(_pool_facts())
+    found = _FACTS[pool]
+    if "missing" in found:
+        pytest.skip(str(found["missing"]))
+    return found
+
+
+@pytest.fixture(params=sorted(POOLS))
+def pool(request: pytest.FixtureRequest) -> str:
+    name = str(request.param)
+    facts(name)
+    return name
+
+
+@pytest.fixture
+def fleet(tmp_path: Path) -> Iterator[PoolFleet]:
+    fleet = PoolFleet(tmp_path)
+    yield fleet
+    fleet.close()
+
+
+def test_results_failures_and_time_limits(fleet: PoolFleet, pool: str) -> None:
+    fleet.start(pool, "-c", "4")
+    proj = fleet.module
+    limits = bool(facts(pool)["enforces_time_limits"])
+    if limits:
+        # A synchronous task cannot be interrupted in the asyncio pool's executor threads:
+        # there the limits hold for ``async def`` tasks.
+        soft_task, hard_task = (proj.asoft, proj.ahard) if pool == "asyncio" else \
+            (proj.soft, proj.hard)
+        soft = soft_task.apply_async((10,), soft_time_limit=0.3)
+        hard = hard_task.apply_async((10,), time_limit=0.5)
+        async_hard = proj.ahard.apply_async((10,), time_limit=0.5)
+    who = proj.whoami.delay()
+    assert proj.add.delay(2, 3).get(timeout=30) == 5
+    assert proj.aadd.delay(4, 5).get(timeout=30) == 9
+    assert who.get(timeout=30) == who.id  # self.request inside an async task
+    failed, async_failed = proj.boom.delay(), proj.aboom.delay()
+    with pytest.raises(ValueError, match="boom"):
+        failed.get(timeout=30)
+    with pytest.raises(KeyError):
+        async_failed.get(timeout=30)
+    assert failed.state == async_failed.state == states.FAILURE
+    assert failed.traceback and "ValueError" in failed.traceback
+    if not limits:
+        return
+    assert soft.get(timeout=30) == "soft", "SoftTimeLimitExceeded is raised inside the task"
+    for result in (hard, async_hard):
+        with pytest.raises(TimeLimitExceeded):
+            result.get(timeout=30)
+        assert result.state == states.FAILURE
+
+
+def test_should_abort_at_the_shutdown_deadline(fleet: PoolFleet, pool: str) -> None:
+    proc = fleet.start(pool, "-c", "2", "--soft-shutdown-timeout", "0.5")
+    result = fleet.module.wait_abort.delay(30)
+    wait_until(lambda: any(line.startswith("started") for line in fleet.lines()), 30,
+               "the task to start")
+    proc.terminate()
+    assert proc.wait(30) == 0, fleet.log_text()
+    assert "aborted shutdown" in fleet.lines(), fleet.log_text()
+    assert result.get(timeout=10) == "shutdown"
+
+
+def test_async_task_is_cancelled_at_the_shutdown_deadline(fleet: PoolFleet, pool: str) -> None:
+    proc = fleet.start(pool, "-c", "2", "--soft-shutdown-timeout", "0.5")
+    result = fleet.module.await_cancel.delay(30)
+    wait_until(lambda: any(line.startswith("started") for line in fleet.lines()), 30,
+               "the task to start")
+    proc.terminate()
+    assert proc.wait(30) == 0, fleet.log_text()
+    # should_abort() is true and the coroutine sees CancelledError; it did not finish, so
+    # nothing is stored and its message (acks_late) went back to the broker.
+    assert "cancelled True shutdown" in fleet.lines(), fleet.log_text()
+    assert result.state == states.PENDING
+
+
+def test_pools_can_be_named_without_importing_them() -> None:
+    """gevent and eventlet are imported only when their pool is looked up (monkey-patching
+    must come first)."""
+    code = ("import sys\nfrom taskframe.pools import POOLS\n"
+            "names = sorted(POOLS)\n"
+            "print(names, 'gevent' in sys.modules, 'eventlet' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=60, check=True)
+    names = sorted(POOLS)
+    assert out.stdout.strip() == f"{names} False False"
+    assert {"solo", "threads", "gevent", "eventlet", "asyncio"} <= set(names)
+
+
+def test_async_soft_limit_on_other_pools_fails_the_task(fleet: PoolFleet) -> None:
+    """Outside the asyncio pool an ``async def`` task runs in a loop of its own: at the soft
+    limit it is cancelled and fails with SoftTimeLimitExceeded (gevent shown)."""
+    if "missing" in facts("gevent"):
+        pytest.skip("gevent is not installed")
+    fleet.start("gevent", "-c", "2")
+    result = fleet.module.asoft.apply_async((10,), soft_time_limit=0.3)
+    with pytest.raises(SoftTimeLimitExceeded):
+        result.get(timeout=30)

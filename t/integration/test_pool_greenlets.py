@@ -1,0 +1,115 @@
+"""The gevent and eventlet pools, in worker subprocesses (monkey-patching never leaks here).
+
+Each test starts ``taskframe -A poolproj worker -P gevent|eventlet`` (the CLI patches before it
+imports anything) on the shared Redis, or drives a pool directly in a patched subprocess.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent / "poolproj"))
+from poolfleet import PROJ_DIR, PoolFleet, max_overlap
+from workers import wait_until
+
+from taskframe.errors import SoftTimeLimitExceeded, TimeLimitExceeded
+from taskframe.protocol import states
+
+GREEN_POOLS = [
+    pytest.param(name, marks=pytest.mark.skipif(importlib.util.find_spec(name) is None,
+                                                reason=f"{name} is not installed"))
+    for name in ("gevent", "eventlet")
+]
+
+
+@pytest.fixture
+def fleet(tmp_path: Path) -> Iterator[PoolFleet]:
+    fleet = PoolFleet(tmp_path)
+    yield fleet
+    fleet.close()
+
+
+@pytest.mark.parametrize("pool", GREEN_POOLS)
+def test_100_sleeping_tasks_run_at_once(fleet: PoolFleet, pool: str) -> None:
+    """-c 100: the consumer (main greenlet) yields while it waits, so the naps overlap."""
+    fleet.start(pool, "-c", "100")
+    results = [fleet.module.nap.delay(n, 0.2) for n in range(100)]
+    assert sorted(r.get(timeout=60) for r in results) == list(range(100))
+    overlap = max_overlap(fleet.lines())
+    # One at a time would be 1; 100 sleeping greenlets overlap (most of them at once).
+    assert overlap >= 50, f"at most {overlap} tasks ran at once\n{fleet.log_text()}"
+
+
+@pytest.mark.parametrize("pool", GREEN_POOLS)
+def test_results_limits_and_async_tasks(fleet: PoolFleet, pool: str) -> None:
+    fleet.start(pool, "-c", "20")
+    proj = fleet.module
+    soft = proj.soft.apply_async((10,), soft_time_limit=0.3)
+    hard = proj.hard.apply_async((10,), time_limit=0.5)
+    ahard = proj.ahard.apply_async((10,), time_limit=0.5)
+    asoft = proj.asoft.apply_async((10,), soft_time_limit=0.3)
+    who = proj.whoami.delay()
+    naps = [proj.anap.delay(n, 0.3) for n in range(10)]
+    assert proj.add.delay(2, 3).get(timeout=20) == 5
+    assert proj.aadd.delay(2, 3).get(timeout=20) == 5
+    assert who.get(timeout=20) == who.id
+    assert soft.get(timeout=20) == "soft"  # raised inside the task, which caught it
+    with pytest.raises(TimeLimitExceeded):
+        hard.get(timeout=20)
+    assert hard.state == states.FAILURE
+    with pytest.raises(TimeLimitExceeded):
+        ahard.get(timeout=20)
+    # An async task here runs in a native thread: at the soft limit the greenlet that
+    # waits for it gets SoftTimeLimitExceeded and its coroutine is cancelled.
+    with pytest.raises(SoftTimeLimitExceeded):
+        asoft.get(timeout=20)
+    assert sorted(r.get(timeout=20) for r in naps) == list(range(10))
+    assert max_overlap(fleet.lines()) >= 5
+
+
+@pytest.mark.parametrize("pool", GREEN_POOLS)
+def test_shutdown_asks_running_tasks_to_abort(fleet: PoolFleet, pool: str) -> None:
+    proc = fleet.start(pool, "-c", "10", "--soft-shutdown-timeout", "0.5")
+    result = fleet.module.wait_abort.delay(30)
+    wait_until(lambda: any(line.startswith("started") for line in fleet.lines()), 20,
+               "the task to start")
+    proc.terminate()
+    assert proc.wait(30) == 0, fleet.log_text()
+    assert "aborted shutdown" in fleet.lines()
+    assert result.get(timeout=10) == "shutdown"
+
+
+@pytest.mark.parametrize("pool", GREEN_POOLS)
+def test_terminate_abort_and_stop_on_the_pool_itself(pool: str) -> None:
+    out = subprocess.run([sys.executable, str(PROJ_DIR / "green_driver.py"), pool],
+                         capture_output=True, text=True, timeout=60, cwd=PROJ_DIR)
+    assert out.returncode == 0, out.stderr
+    outcomes = json.loads(out.stdout.strip().splitlines()[-1])
+    assert outcomes["terminate_returned"] is True
+    assert outcomes["running"]["state"] == states.REVOKED
+    assert outcomes["running"]["stored"] == states.REVOKED
+    assert outcomes["aborted"] == {"state": states.SUCCESS, "value": "'shutdown'",
+                                   "stored": states.SUCCESS}
+    assert outcomes["finishing"]["value"] == "'slept'"
+    assert outcomes["terminate_not_started"] is True
+    assert outcomes["not_started"]["state"] == states.REVOKED
+    assert outcomes["active_after"] == 0
+    # stop() kills what outlived its wait, without reporting it: its message goes back.
+    assert "stopped" not in outcomes
+    assert outcomes["active_after_stop"] == 0
+
+
+@pytest.mark.parametrize("pool", GREEN_POOLS)
+def test_chosen_by_setting_alone_it_refuses_to_start(fleet: PoolFleet, pool: str) -> None:
+    """Without ``-P`` on the command line nothing was monkey-patched: a clear error, status 64."""
+    fleet.workers.env["POOLPROJ_WORKER_POOL"] = pool
+    proc = fleet.workers.start()
+    assert proc.wait(30) == 64
+    assert "monkey-patched" in fleet.log_text()

@@ -1,0 +1,509 @@
+"""The canvas primitives: ``chain``, ``group``, ``chord``, ``chunks``, ``xmap``, ``xstarmap``.
+
+Import them from ``taskframe.canvas`` (or ``taskframe``). Each is a ``Signature``
+with Celery's dict layout, so it can be embedded in a message and rebuilt by
+``Signature.from_dict`` on the other side, by taskframe or by Celery.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
+
+from taskframe.canvas import (
+    Signature,
+    _new_id,
+    _sendable,
+    as_list,
+    maybe_signature,
+)
+
+if TYPE_CHECKING:
+    from taskframe.app import Taskframe
+    from taskframe.task import Task
+
+__all__ = ["chain", "chord", "chunks", "group", "xmap", "xstarmap"]
+
+
+def _group_result(group_id: str, results: list[Any], app: Taskframe) -> Any:
+    from taskframe.result_group import GroupResult
+
+    return GroupResult(group_id, results, app=app)
+
+
+def _as_chain(sig: Signature) -> chain:
+    assert isinstance(sig, chain)
+    return sig
+
+
+def _as_group(sig: Signature) -> group:
+    assert isinstance(sig, group)
+    return sig
+
+
+def _control(options: dict[str, Any], *keys: str) -> dict[str, Any]:
+    """Pop ``keys`` out of ``options`` (those that are set)."""
+    return {key: options.pop(key) for key in keys if options.get(key) is not None}
+
+
+class _Composite(Signature):
+    """A primitive whose ``kwargs`` hold its structure: partial kwargs are not kept."""
+
+    def _merged_arguments(self, args: Sequence[Any] | None,
+                          kwargs: Mapping[str, Any] | None) -> tuple[list[Any], dict[str, Any]]:
+        if self.immutable:
+            return self.args, {}
+        return list(args or ()) + self.args, dict(kwargs or {})
+
+    def clone(self, args: Sequence[Any] | None = None, kwargs: Mapping[str, Any] | None = None,
+              **options: Any) -> Signature:
+        """A deep copy with ``args`` prepended (they go to the entry points when applied)."""
+        return super().clone(args, None, **options)
+
+
+class chain(_Composite):  # Celery's lower-case name
+    """Run tasks one after the other, each result prepended to the next one's arguments.
+
+    ``chain(a.s(1), b.s(), c.s())`` or ``a.s(1) | b.s() | c.s()``. A group
+    followed by another step becomes a chord (the step gets the list of results).
+    """
+
+    def __init__(self, *tasks: Any, app: Taskframe | None = None, **options: Any) -> None:
+        items = as_list(tasks[0]) if len(tasks) == 1 and not isinstance(tasks[0], Mapping) \
+            else list(tasks)
+        sigs = [maybe_signature(t, app=app) for t in items]
+        if app is None:
+            app = next((s._app for s in sigs if s._app is not None), None)
+        super().__init__("celery.chain", (), {"tasks": sigs}, options,
+                         subtask_type="chain", app=app)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any], app: Taskframe | None = None) -> Signature:
+        """Rebuild a chain from Celery's dict (``kwargs.tasks``)."""
+        kwargs = data.get("kwargs") or {}
+        sig = cls(*[maybe_signature(t, app=app) for t in kwargs.get("tasks") or ()], app=app)
+        sig["args"] = list(data.get("args") or ())
+        sig["options"].update(data.get("options") or {})
+        sig["immutable"] = bool(data.get("immutable", False))
+        return sig
+
+    @property
+    def tasks(self) -> list[Signature]:
+        """The steps, as signatures."""
+        steps = [maybe_signature(t, app=self._app) for t in self["kwargs"]["tasks"]]
+        self["kwargs"]["tasks"] = steps
+        return steps
+
+    def __or__(self, other: Any) -> Signature:  # type: ignore[override]
+        if not isinstance(other, Mapping):
+            return NotImplemented
+        return chain(*self.tasks, maybe_signature(other, app=self._app), app=self._app,
+                     **self.options)
+
+    def link(self, callback: Mapping[str, Any]) -> Mapping[str, Any]:
+        """Link ``callback`` to the last step."""
+        return self.tasks[-1].link(callback)
+
+    def link_error(self, errback: Mapping[str, Any]) -> Mapping[str, Any]:
+        """Link ``errback`` to every step: whichever fails calls it."""
+        for step in self.tasks:
+            step.link_error(errback)
+        return errback
+
+    def _steps(self, remaining: Sequence[Any] | None = None) -> list[Signature]:
+        """Flattened, cloned steps; a group followed by a step becomes a chord."""
+        steps: list[Signature] = []
+        for step in self.tasks:
+            if isinstance(step, chain):
+                inner = _as_chain(step.clone())._steps()
+                if inner and step.args:  # a nested chain's partial args go to its first step
+                    inner[0] = inner[0].clone(step.args)
+                steps.extend(inner)
+            elif not (isinstance(step, group) and not step.tasks):
+                steps.append(step.clone())
+        for embedded in reversed(list(remaining or ())):
+            steps.append(maybe_signature(embedded, app=self._app))
+        index = 0
+        while index < len(steps) - 1:
+            if isinstance(steps[index], group):
+                steps[index] = chord(steps[index], body=steps.pop(index + 1), app=self._app)
+            else:
+                index += 1
+        return steps
+
+    def _prepare(self, options: dict[str, Any]) -> list[Signature]:
+        steps = self._steps(options.pop("chain", None))
+        if not steps:
+            raise ValueError("cannot apply an empty chain")
+        last = steps[-1]
+        last.set(**_control(options, "group_id", "group_index", "chord"))
+        for callback in as_list(options.pop("link", None) or ()):
+            last.link(callback)
+        for errback in as_list(options.pop("link_error", None) or ()):
+            for step in steps:
+                step.link_error(errback)
+        last.freeze(options.pop("task_id", None))
+        for step in steps[:-1]:
+            step.freeze()
+        return steps
+
+    def freeze(self, _id: str | None = None, **options: Any) -> Any:
+        """Freeze every step; returns the last step's result."""
+        steps = self.tasks
+        if not steps:
+            raise ValueError("cannot freeze an empty chain")
+        for step in steps[:-1]:
+            step.freeze()
+        return steps[-1].freeze(_id, **options)
+
+    def apply_async(self, args: Sequence[Any] | None = None,
+                    kwargs: Mapping[str, Any] | None = None, **options: Any) -> Any:
+        """Send the first step with the others embedded; returns the last step's result."""
+        app = self._resolve_app()
+        if app.conf.task_always_eager:
+            return self.apply(args, kwargs, **options)
+        opts = _sendable({**self.options, **options})
+        steps = self._prepare(opts)
+        call_args, call_kwargs = self._merged_arguments(args, kwargs)
+        first, rest = steps[0], steps[1:]
+        result: Any = None
+        for step in steps:  # Celery's result.parent links, from the last step back
+            previous, result = result, step.freeze()
+            if previous is not None and hasattr(result, "parent"):
+                result.parent = previous
+        embedded = [dict(step) for step in reversed(rest)] or None
+        first.apply_async(call_args, call_kwargs, chain=embedded, **opts)
+        return result
+
+    def apply(self, args: Sequence[Any] | None = None, kwargs: Mapping[str, Any] | None = None,
+              **options: Any) -> Any:
+        """Run every step here, in order; returns the last step's eager result."""
+        call_args, call_kwargs = self._merged_arguments(args, kwargs)
+        result: Any = None
+        for index, step in enumerate(self._steps()):
+            if index == 0:
+                result = step.apply(call_args, call_kwargs)
+            else:
+                result = step.apply((result.get(),))
+        return result
+
+    def __repr__(self) -> str:
+        return " | ".join(repr(t) for t in self.tasks) or "chain()"
+
+
+class group(_Composite):  # Celery's lower-case name
+    """Run tasks in parallel; ``apply_async()`` returns a ``GroupResult``."""
+
+    def __init__(self, *tasks: Any, app: Taskframe | None = None, **options: Any) -> None:
+        items = as_list(tasks[0]) if len(tasks) == 1 and not isinstance(tasks[0], Mapping) \
+            else list(tasks)
+        sigs = [maybe_signature(t, app=app) for t in items]
+        if app is None:
+            app = next((s._app for s in sigs if s._app is not None), None)
+        super().__init__("celery.group", (), {"tasks": sigs}, options,
+                         subtask_type="group", app=app)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any], app: Taskframe | None = None) -> Signature:
+        """Rebuild a group from Celery's dict (``kwargs.tasks``)."""
+        kwargs = data.get("kwargs") or {}
+        sig = cls(*[maybe_signature(t, app=app) for t in kwargs.get("tasks") or ()], app=app)
+        sig["args"] = list(data.get("args") or ())
+        sig["options"].update(data.get("options") or {})
+        sig["immutable"] = bool(data.get("immutable", False))
+        return sig
+
+    @property
+    def tasks(self) -> list[Signature]:
+        """The members, as signatures."""
+        members = [maybe_signature(t, app=self._app) for t in self["kwargs"]["tasks"]]
+        self["kwargs"]["tasks"] = members
+        return members
+
+    def __or__(self, other: Any) -> Signature:  # type: ignore[override]
+        """``group | sig`` is a chord with ``sig`` as its body."""
+        if not isinstance(other, Mapping):
+            return NotImplemented
+        return chord(self, body=maybe_signature(other, app=self._app), app=self._app)
+
+    def __len__(self) -> int:
+        return len(self["kwargs"]["tasks"])
+
+    def __bool__(self) -> bool:
+        return True
+
+    def link(self, callback: Mapping[str, Any]) -> Mapping[str, Any]:
+        """Link ``callback`` to every member."""
+        for member in self.tasks:
+            member.link(callback)
+        return callback
+
+    def link_error(self, errback: Mapping[str, Any]) -> Mapping[str, Any]:
+        """Link ``errback`` to every member."""
+        for member in self.tasks:
+            member.link_error(errback)
+        return errback
+
+    def unrolled(self, args: Sequence[Any] = (), kwargs: Mapping[str, Any] | None = None
+                 ) -> list[Signature]:
+        """The members cloned with ``args``/``kwargs``, nested groups flattened in order.
+
+        A group inside a group runs its members as members of the outer one (Celery
+        unrolls them too; see ``taskframe.chord`` for the order).
+        """
+        members: list[Signature] = []
+        for member in self.tasks:
+            if isinstance(member, group):
+                inner = _as_group(member.clone(args))
+                members.extend(inner.unrolled(inner.args, {} if inner.immutable else kwargs))
+            else:
+                members.append(member.clone(args, kwargs))
+        return members
+
+    def freeze(self, _id: str | None = None, **options: Any) -> Any:
+        """Give the group and its members their ids; returns the ``GroupResult``."""
+        if _id is not None:
+            self["options"]["task_id"] = _id
+        group_id = str(self["options"].setdefault("task_id", _new_id()))
+        results = [member.freeze() for member in self.tasks]
+        return _group_result(group_id, results, self._resolve_app())
+
+    def apply_async(self, args: Sequence[Any] | None = None,
+                    kwargs: Mapping[str, Any] | None = None, **options: Any) -> Any:
+        """Send every member now; returns the ``GroupResult``.
+
+        Sent with an embedded ``chain`` (a step followed it), the group becomes
+        the header of a chord whose body is the rest of the chain.
+        """
+        app = self._resolve_app()
+        if app.conf.task_always_eager:
+            return self.apply(args, kwargs, **options)
+        opts = _sendable({**self.options, **options})
+        remaining = opts.pop("chain", None)
+        if remaining:
+            rest = chain(*[maybe_signature(s, app=app) for s in reversed(remaining)], app=app)
+            return chord(self, body=rest, app=app).apply_async(args, kwargs, **opts)
+        group_id = str(opts.pop("task_id", None) or self.id or _new_id())
+        outer = _control(opts, "group_id", "group_index", "chord")
+        call_args, call_kwargs = self._merged_arguments(args, kwargs)
+        results = []
+        for index, member in enumerate(self.tasks):
+            step = member.clone()
+            place: dict[str, Any] = {"group_id": group_id, "group_index": index}
+            if "chord" in outer:
+                # A group Celery built inside a chord (a chain's last step, a nested
+                # chord's body): Celery froze its members into the chord, and they
+                # report to it (taskframe gathers such a group itself: taskframe.chord).
+                own = step.options
+                place = {"group_id": own.get("group_id") or outer.get("group_id") or group_id,
+                         "group_index": own.get("group_index", index),
+                         "chord": own.get("chord") or outer["chord"]}
+            results.append(step.apply_async(call_args, call_kwargs, **{**opts, **place}))
+        return _group_result(group_id, results, app)
+
+    def apply(self, args: Sequence[Any] | None = None, kwargs: Mapping[str, Any] | None = None,
+              **options: Any) -> Any:
+        """Run every member here; returns a ``GroupResult`` of eager results."""
+        call_args, call_kwargs = self._merged_arguments(args, kwargs)
+        group_id = str(options.get("task_id") or self.id or _new_id())
+        results = [member.apply(call_args, call_kwargs) for member in self.tasks]
+        return _group_result(group_id, results, self._resolve_app())
+
+    def __repr__(self) -> str:
+        return f"group([{', '.join(repr(t) for t in self.tasks)}])"
+
+
+class chord(_Composite):  # Celery's lower-case name
+    """A group (the header) and a body sent with the header's results, in order.
+
+    ``chord(header)(body)``, ``chord(header, body).apply_async()`` or
+    ``group(...) | body``. The body is sent once, by the header task that ends
+    last, counted atomically in the result backend (``taskframe.chord``).
+    """
+
+    def __init__(self, header: Any, body: Any = None, app: Taskframe | None = None,
+                 **options: Any) -> None:
+        head = header if isinstance(header, group) else group(
+            *[maybe_signature(t, app=app) for t in as_list(header)], app=app)
+        if app is None:
+            app = head._app or (body._app if isinstance(body, Signature) else None)
+        kwargs = {"header": head, "body": maybe_signature(body, app=app), "kwargs": {}}
+        super().__init__("celery.chord", (), kwargs, options, subtask_type="chord", app=app)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any], app: Taskframe | None = None) -> Signature:
+        """Rebuild a chord from Celery's dict (``kwargs.header``/``kwargs.body``)."""
+        kwargs = dict(data.get("kwargs") or {})
+        header = kwargs.get("header") or []
+        if isinstance(header, Mapping):
+            head = maybe_signature(header, app=app)
+        else:
+            head = group(*[maybe_signature(t, app=app) for t in header], app=app)
+        sig = cls(head, maybe_signature(kwargs.get("body"), app=app), app=app)
+        sig["args"] = list(data.get("args") or ())
+        sig["options"].update(data.get("options") or {})
+        return sig
+
+    @property
+    def tasks(self) -> list[Signature]:
+        """The header's members."""
+        header: group = self.header
+        return header.tasks
+
+    @property
+    def header(self) -> group:
+        """The header group."""
+        value = maybe_signature(self["kwargs"]["header"], app=self._app)
+        if not isinstance(value, group):
+            value = group(value, app=self._app)
+        self["kwargs"]["header"] = value
+        return value
+
+    @property
+    def body(self) -> Signature | None:
+        """The body signature (``None`` until given)."""
+        value = maybe_signature(self["kwargs"].get("body"), app=self._app)
+        self["kwargs"]["body"] = value
+        return value  # type: ignore[no-any-return]
+
+    def __call__(self, body: Any = None, **options: Any) -> Any:
+        """``chord(header)(body)``: apply with ``body``."""
+        return self.apply_async((), body=body, **options)
+
+    def __or__(self, other: Any) -> Signature:  # type: ignore[override]
+        """``chord | sig`` chains ``sig`` after the body."""
+        if not isinstance(other, Mapping):
+            return NotImplemented
+        body = self.body
+        if body is None:
+            raise ValueError("chord has no body")
+        sig = self.clone()
+        sig["kwargs"]["body"] = chain(body, maybe_signature(other, app=self._app), app=self._app)
+        return sig
+
+    def link(self, callback: Mapping[str, Any]) -> Mapping[str, Any]:
+        """Link ``callback`` to the body."""
+        body = self.body
+        assert body is not None, "chord has no body"
+        return body.link(callback)
+
+    def link_error(self, errback: Mapping[str, Any]) -> Mapping[str, Any]:
+        """Link ``errback`` to the body (called with ``ChordError`` when a header task fails)."""
+        body = self.body
+        assert body is not None, "chord has no body"
+        return body.link_error(errback)
+
+    def freeze(self, _id: str | None = None, **options: Any) -> Any:
+        """Give the body its id; returns the body's result."""
+        body = self.body
+        if body is None:
+            raise ValueError("chord has no body")
+        return body.freeze(_id, **options)
+
+    def apply_async(self, args: Sequence[Any] | None = None,
+                    kwargs: Mapping[str, Any] | None = None, body: Any = None,
+                    **options: Any) -> Any:
+        """Send the header; returns the body's result (it arrives once the header is done)."""
+        from taskframe.chord import start_chord
+
+        app = self._resolve_app()
+        body_sig = maybe_signature(body, app=app) if body is not None else self.body
+        if body_sig is None:
+            raise ValueError("chord has no body: chord(header)(body)")
+        if app.conf.task_always_eager:
+            return self._apply_eager(body_sig, args, kwargs)
+        opts = _sendable({**self.options, **options})
+        call_args, call_kwargs = self._merged_arguments(args, kwargs)
+        return start_chord(app, self.header, body_sig.clone(), call_args, call_kwargs, opts)
+
+    def apply(self, args: Sequence[Any] | None = None, kwargs: Mapping[str, Any] | None = None,
+              body: Any = None, **options: Any) -> Any:
+        """Run the header here, then the body with its results."""
+        body_sig = maybe_signature(body, app=self._app) if body is not None else self.body
+        if body_sig is None:
+            raise ValueError("chord has no body")
+        return self._apply_eager(body_sig, args, kwargs)
+
+    def _apply_eager(self, body: Signature, args: Sequence[Any] | None,
+                     kwargs: Mapping[str, Any] | None) -> Any:
+        call_args, call_kwargs = self._merged_arguments(args, kwargs)
+        values = [member.apply().get() for member in self.header.unrolled(call_args,
+                                                                           call_kwargs)]
+        return body.apply((values,))
+
+    def __repr__(self) -> str:
+        return f"chord({self.header!r}, {self.body!r})"
+
+
+class xmap(Signature):  # Celery's lower-case name
+    """One task message that calls ``task`` once per item (``celery.map``)."""
+
+    def __init__(self, task: Mapping[str, Any] | Task[Any, Any], it: Iterable[Any],
+                 app: Taskframe | None = None, **options: Any) -> None:
+        sig = task.s() if not isinstance(task, Mapping) else maybe_signature(task, app=app)
+        super().__init__(self._builtin, (), {"task": sig, "it": list(it)}, options,
+                         subtask_type=self._kind, immutable=True, app=app or sig._app)
+
+    _builtin = "celery.map"
+    _kind = "xmap"
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any], app: Taskframe | None = None) -> Signature:
+        """Rebuild from Celery's dict (``kwargs.task``/``kwargs.it``)."""
+        kwargs = data.get("kwargs") or {}
+        sig = cls(maybe_signature(kwargs["task"], app=app), kwargs.get("it") or (), app=app)
+        sig["options"].update(data.get("options") or {})
+        return sig
+
+
+class xstarmap(xmap):  # Celery's lower-case name
+    """One task message that calls ``task(*item)`` per item (``celery.starmap``)."""
+
+    _builtin = "celery.starmap"
+    _kind = "xstarmap"
+
+
+class chunks(Signature):  # Celery's lower-case name
+    """Split ``it`` into parts of ``n`` items, one ``starmap`` message per part."""
+
+    def __init__(self, task: Mapping[str, Any] | Task[Any, Any], it: Iterable[Any], n: int,
+                 app: Taskframe | None = None, **options: Any) -> None:
+        sig = task.s() if not isinstance(task, Mapping) else maybe_signature(task, app=app)
+        super().__init__("celery.chunks", (), {"task": sig, "it": list(it), "n": int(n)},
+                         options, subtask_type="chunks", immutable=True, app=app or sig._app)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any], app: Taskframe | None = None) -> Signature:
+        """Rebuild from Celery's dict (``kwargs.task``/``it``/``n``)."""
+        kwargs = data.get("kwargs") or {}
+        sig = cls(maybe_signature(kwargs["task"], app=app), kwargs.get("it") or (),
+                  int(kwargs["n"]), app=app)
+        sig["options"].update(data.get("options") or {})
+        return sig
+
+    def group(self) -> group:
+        """The group of ``starmap`` signatures, one per part."""
+        kwargs = self["kwargs"]
+        items = [list(item) for item in kwargs["it"]]
+        size = kwargs["n"]
+        task = maybe_signature(kwargs["task"], app=self._app)
+        parts = [items[i:i + size] for i in range(0, len(items), size)]
+        return group(*[xstarmap(task, part, app=self._app) for part in parts], app=self._app)
+
+    def apply_async(self, args: Sequence[Any] | None = None,
+                    kwargs: Mapping[str, Any] | None = None, **options: Any) -> Any:
+        """Send the parts as a group; returns its ``GroupResult`` (one list per part)."""
+        return self.group().apply_async(args, kwargs, **{**self.options, **options})
+
+    def apply(self, args: Sequence[Any] | None = None, kwargs: Mapping[str, Any] | None = None,
+              **options: Any) -> Any:
+        """Run the parts here."""
+        return self.group().apply(args, kwargs, **options)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        """``chunks(...)()`` sends it, as in Celery."""
+        return self.apply_async(args, kwargs)
+
+
+for _cls in (chain, group, chord, xmap, xstarmap, chunks):
+    Signature.TYPES[str(getattr(_cls, "_kind", _cls.__name__))] = _cls

@@ -1,0 +1,118 @@
+"""Chord counting on a backend with an atomic counter (database, GCS, memory).
+
+The client saved the header's task ids as a group (``save_group``). Each header
+task, as it ends, ``incr``\\ s Celery's counter key ``chord-unlock-<group>``; the
+part that ends the chord takes a fire claim (``chord-unlock-<group>.fired``),
+deletes the saved header and returns the parts for ``taskframe.chord`` to send
+the body; then ``forget`` deletes the two counters.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
+
+from taskframe.canvas import flatten_ids
+from taskframe.protocol import states
+from taskframe.protocol.results import decode_result
+
+if TYPE_CHECKING:
+    from taskframe.backends.base import Backend
+    from taskframe.context import Context
+
+__all__ = ["FIRED", "Part", "counter_key", "fetch_metas", "forget", "part_return"]
+
+logger = logging.getLogger("taskframe.chord_counter")
+
+#: A part is (task id, state, decoded value).
+Part = tuple[str, str, Any]
+
+
+def counter_key(group_id: str) -> str:
+    """Celery's chord counter key (``get_key_for_chord``)."""
+    return f"chord-unlock-{group_id}"
+
+
+def part_return(backend: Backend, ctx: Context) -> tuple[list[Part], list[Any]] | None:
+    """Count one part; when this one must end the chord, the parts in header order and
+    the header's result tuples (their shape: a group result's values form one list).
+
+    Who ends it: the part that brings the count to the size, finds every header
+    result ready (a redelivered part may have counted twice) and then wins the
+    fire claim, an ``incr`` of ``<counter>.fired`` that returns 1. See
+    ``forget`` for why the claim is checked once more.
+    """
+    group_id = str(ctx.group)
+    key = counter_key(group_id)
+    size = (ctx.chord or {}).get("chord_size")
+    if size is None and backend.restore_group(group_id) is None:
+        # A Celery client's chord with no saved header (Celery's database backend):
+        # celery.chord_unlock drives it. Counting would only leave a counter behind.
+        return None
+    count = backend.incr(key)
+    if size is not None and count < int(size):
+        return None
+    saved = backend.restore_group(group_id)
+    if saved is None:
+        if size is not None:
+            logger.warning("chord %s: no header state (already completed, or expired)",
+                           group_id)
+        return None  # no size and no saved header: a Celery chord_unlock drives it
+    ids = flatten_ids(saved)
+    if count < len(ids):
+        return None
+    metas = fetch_metas(backend, ids)
+    if any(meta.get("status") not in states.READY_STATES for meta in metas):
+        return None  # counted twice (a redelivered part): a later part completes it
+    if backend.incr(key + FIRED) != 1:
+        return None
+    if backend.restore_group(group_id) is None:
+        # We read the header before the winner deleted it, and took a claim it had
+        # already deleted: the chord is over. Our fresh claim is ours to drop.
+        backend.delete_counter(key + FIRED)
+        return None
+    backend.delete_group(group_id)
+    parts = [(tid, str(meta.get("status")), decode_result(meta))
+             for tid, meta in zip(ids, metas, strict=True)]
+    return parts, list(saved[1])
+
+
+#: Suffix of the fire claim's counter.
+FIRED = ".fired"
+
+
+def forget(backend: Backend, group_id: str) -> None:
+    """Delete a fired chord's counter, then its fire claim (Celery deletes its counter too).
+
+    Why this cannot fire the body twice. The winner deletes, in this order: the
+    header (``delete_group``, before sending the body), the counter, and last
+    the claim. A late copy of a header task (a redelivery) then either
+    (a) restarts the counter at 1, below the size: it stops; or
+    (b) finds no header: it stops; or
+    (c) read the header before it was deleted and reaches the claim: while the
+        claim exists its ``incr`` returns 2 or more and it stops; if the claim
+        is already deleted its ``incr`` returns 1, but the claim is deleted only
+        after the header, so its second look at the header finds nothing and it
+        stops (and deletes the claim it just made).
+    Only a winner deletes the header, so no one can see a header after taking
+    a claim unless no one fired yet. A worker dying between claim and cleanup
+    leaves the two counters behind (never a second body), as it did before.
+    """
+    key = counter_key(group_id)
+    try:
+        backend.delete_counter(key)
+        backend.delete_counter(key + FIRED)
+    except Exception:
+        logger.exception("chord %s: could not delete its counters", group_id)
+
+
+def fetch_metas(backend: Backend, ids: list[str]) -> list[Any]:
+    """The metas of ``ids`` in order, in one round trip where the backend can."""
+    many = getattr(backend, "get_task_metas", None)
+    if many is None:
+        return [backend.get_task_meta(tid) for tid in ids]
+    found = many(ids)
+    if isinstance(found, Mapping):
+        return [found[tid] for tid in ids]
+    return list(found)
