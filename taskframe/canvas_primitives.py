@@ -8,7 +8,7 @@ with Celery's dict layout, so it can be embedded in a message and rebuilt by
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from taskframe.canvas import (
     Signature,
@@ -61,12 +61,13 @@ class _Composite(Signature):
         return super().clone(args, None, **options)
 
 
-class chain(_Composite):  # Celery's lower-case name
-    """Run tasks one after the other, each result prepended to the next one's arguments.
+class _TaskList(_Composite):
+    """A chain or a group: Celery's ``{"task": "celery.<kind>", "kwargs": {"tasks": [...]}}``.
 
-    ``chain(a.s(1), b.s(), c.s())`` or ``a.s(1) | b.s() | c.s()``. A group
-    followed by another step becomes a chord (the step gets the list of results).
+    Built from signatures given one by one or as one iterable.
     """
+
+    kind: ClassVar[str] = ""
 
     def __init__(self, *tasks: Any, app: Taskframe | None = None, **options: Any) -> None:
         items = as_list(tasks[0]) if len(tasks) == 1 and not isinstance(tasks[0], Mapping) \
@@ -74,12 +75,12 @@ class chain(_Composite):  # Celery's lower-case name
         sigs = [maybe_signature(t, app=app) for t in items]
         if app is None:
             app = next((s._app for s in sigs if s._app is not None), None)
-        super().__init__("celery.chain", (), {"tasks": sigs}, options,
-                         subtask_type="chain", app=app)
+        super().__init__(f"celery.{self.kind}", (), {"tasks": sigs}, options,
+                         subtask_type=self.kind, app=app)
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any], app: Taskframe | None = None) -> Signature:
-        """Rebuild a chain from Celery's dict (``kwargs.tasks``)."""
+        """Rebuild one from Celery's dict (``kwargs.tasks``)."""
         kwargs = data.get("kwargs") or {}
         sig = cls(*[maybe_signature(t, app=app) for t in kwargs.get("tasks") or ()], app=app)
         sig["args"] = list(data.get("args") or ())
@@ -89,10 +90,20 @@ class chain(_Composite):  # Celery's lower-case name
 
     @property
     def tasks(self) -> list[Signature]:
-        """The steps, as signatures."""
-        steps = [maybe_signature(t, app=self._app) for t in self["kwargs"]["tasks"]]
-        self["kwargs"]["tasks"] = steps
-        return steps
+        """The steps (chain) or members (group), as signatures."""
+        sigs = [maybe_signature(t, app=self._app) for t in self["kwargs"]["tasks"]]
+        self["kwargs"]["tasks"] = sigs
+        return sigs
+
+
+class chain(_TaskList):  # Celery's lower-case name
+    """Run tasks one after the other, each result prepended to the next one's arguments.
+
+    ``chain(a.s(1), b.s(), c.s())`` or ``a.s(1) | b.s() | c.s()``. A group
+    followed by another step becomes a chord (the step gets the list of results).
+    """
+
+    kind = "chain"
 
     def __or__(self, other: Any) -> Signature:  # type: ignore[override]
         if not isinstance(other, Mapping):
@@ -191,34 +202,10 @@ class chain(_Composite):  # Celery's lower-case name
         return " | ".join(repr(t) for t in self.tasks) or "chain()"
 
 
-class group(_Composite):  # Celery's lower-case name
+class group(_TaskList):  # Celery's lower-case name
     """Run tasks in parallel; ``apply_async()`` returns a ``GroupResult``."""
 
-    def __init__(self, *tasks: Any, app: Taskframe | None = None, **options: Any) -> None:
-        items = as_list(tasks[0]) if len(tasks) == 1 and not isinstance(tasks[0], Mapping) \
-            else list(tasks)
-        sigs = [maybe_signature(t, app=app) for t in items]
-        if app is None:
-            app = next((s._app for s in sigs if s._app is not None), None)
-        super().__init__("celery.group", (), {"tasks": sigs}, options,
-                         subtask_type="group", app=app)
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any], app: Taskframe | None = None) -> Signature:
-        """Rebuild a group from Celery's dict (``kwargs.tasks``)."""
-        kwargs = data.get("kwargs") or {}
-        sig = cls(*[maybe_signature(t, app=app) for t in kwargs.get("tasks") or ()], app=app)
-        sig["args"] = list(data.get("args") or ())
-        sig["options"].update(data.get("options") or {})
-        sig["immutable"] = bool(data.get("immutable", False))
-        return sig
-
-    @property
-    def tasks(self) -> list[Signature]:
-        """The members, as signatures."""
-        members = [maybe_signature(t, app=self._app) for t in self["kwargs"]["tasks"]]
-        self["kwargs"]["tasks"] = members
-        return members
+    kind = "group"
 
     def __or__(self, other: Any) -> Signature:  # type: ignore[override]
         """``group | sig`` is a chord with ``sig`` as its body."""
