@@ -12,12 +12,14 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from types import ModuleType
+from typing import Any
 
-__all__ = ["ProjectImport", "WorkerProcs", "read_lines", "wait_until"]
+__all__ = ["InlineWorkers", "ProjectImport", "WorkerProcs", "read_lines", "wait_until"]
 
 
 def wait_until(predicate: Callable[[], object], timeout: float, what: str) -> None:
@@ -103,3 +105,34 @@ class WorkerProcs:
     def log_text(self) -> str:
         """Every worker's log, for assertion messages."""
         return "\n".join(f"--- {p.name}\n{p.read_text()}" for p in self.logs if p.exists())
+
+
+class InlineWorkers:
+    """Workers running in threads of the test process (memory-broker tests).
+
+    ``start(**options)`` builds a ``Worker`` for ``app`` (threads pool, two slots,
+    no logging setup, no signal handlers unless given) and runs it in a daemon
+    thread; ``stop_all()`` stops them all and fails if one does not stop.
+    """
+
+    def __init__(self, app: Any, **defaults: Any) -> None:
+        self.app = app
+        self.defaults = {"pool": "threads", "concurrency": 2, **defaults}
+        self.started: list[tuple[Any, threading.Thread]] = []
+
+    def start(self, **options: Any) -> Any:
+        from taskframe.worker.worker import Worker
+
+        worker = Worker(self.app, setup_logs=False, install_signal_handlers=False,
+                        **{**self.defaults, **options})
+        thread = threading.Thread(target=worker.start, daemon=True)
+        thread.start()
+        self.started.append((worker, thread))
+        return worker
+
+    def stop_all(self, timeout: float = 10.0) -> None:
+        for worker, thread in self.started:
+            worker.stop()
+            thread.join(timeout)
+            assert not thread.is_alive(), "worker did not stop"
+        self.started.clear()

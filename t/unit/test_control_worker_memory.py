@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from workers import InlineWorkers
 
 from taskframe import Task, Taskframe
 from taskframe.control.revoked import StateDB, store_for
@@ -30,25 +31,17 @@ def app() -> Iterator[Taskframe]:
 
 @pytest.fixture
 def run_worker(app: Taskframe) -> Iterator[Any]:
-    started: list[tuple[Worker, threading.Thread]] = []
+    workers = InlineWorkers(app, hostname=NODE)
 
     def start(**kwargs: Any) -> Worker:
-        worker = Worker(app, hostname=NODE, pool=kwargs.pop("pool", "threads"),
-                        concurrency=kwargs.pop("concurrency", 2), setup_logs=False,
-                        install_signal_handlers=False, **kwargs)
-        thread = threading.Thread(target=worker.start, daemon=True)
-        thread.start()
-        started.append((worker, thread))
+        worker = workers.start(**kwargs)
         deadline = time.monotonic() + 10
         while not app.control.ping(destination=[NODE], timeout=0.5):
             assert time.monotonic() < deadline, "the worker never answered"
         return worker
 
     yield start
-    for worker, thread in started:
-        worker.stop()
-        thread.join(10)
-        assert not thread.is_alive(), "worker did not stop"
+    workers.stop_all()
 
 
 def wait_for(predicate: Any, what: str) -> None:

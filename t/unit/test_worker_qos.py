@@ -10,12 +10,12 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
+from workers import InlineWorkers
 
 from taskframe import Taskframe
 from taskframe.errors import ImproperlyConfigured
 from taskframe.transport.memory import MemoryTransport
 from taskframe.worker.ratelimit import RateLimits, TokenBucket, parse_rate
-from taskframe.worker.worker import Worker
 
 
 @pytest.mark.parametrize(("text", "per_second"), [
@@ -61,22 +61,9 @@ def app() -> Iterator[Taskframe]:
 
 @pytest.fixture
 def run_worker(app: Taskframe) -> Iterator[Any]:
-    started: list[tuple[Worker, threading.Thread]] = []
-
-    def start(**kwargs: Any) -> Worker:
-        worker = Worker(app, pool=kwargs.pop("pool", "threads"),
-                        concurrency=kwargs.pop("concurrency", 4),
-                        setup_logs=False, install_signal_handlers=False, **kwargs)
-        thread = threading.Thread(target=worker.start, daemon=True)
-        thread.start()
-        started.append((worker, thread))
-        return worker
-
-    yield start
-    for worker, thread in started:
-        worker.stop()
-        thread.join(10)
-        assert not thread.is_alive(), "worker did not stop"
+    workers = InlineWorkers(app, concurrency=4)
+    yield workers.start
+    workers.stop_all()
 
 
 def test_rate_limited_task_starts_spaced_and_others_are_not_held(app: Taskframe,
