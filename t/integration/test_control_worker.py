@@ -128,6 +128,54 @@ def test_inspect_and_control_a_running_worker(setup: Setup) -> None:
     assert out.returncode == 0 and f"{NODE}: OK" in out.stdout, out
 
 
+def test_every_other_command_answers(setup: Setup) -> None:
+    """The inspect and control commands the test above does not cover, on this broker."""
+    setup.start_worker()
+    control = setup.app.control
+    inspect = control.inspect(destination=[NODE], timeout=10)
+    only = {"destination": [NODE], "reply": True, "timeout": 10}
+
+    def ok(replies: Any) -> str:
+        [reply] = replies
+        assert "ok" in reply[NODE], reply
+        return str(reply[NODE]["ok"])
+
+    assert inspect.reserved() == {NODE: []}
+    assert inspect.scheduled() == {NODE: []}
+    assert inspect.conf()[NODE]["task_default_queue"] == setup.queue
+    assert isinstance(inspect.clock()[NODE]["clock"], int)
+    assert f"({NODE})" in inspect.report()[NODE]["ok"]
+
+    assert ok(control.rate_limit("ctl.add", "100/s", **only)) == "new rate limit set successfully"
+    assert ok(control.time_limit("ctl.add", soft=20, hard=30, **only)) == \
+        "time limits set successfully"
+    assert "rate_limit=100/s" in " ".join(inspect.registered("rate_limit")[NODE])
+    assert setup.client.module.add.delay(1, 1).get(timeout=30) == 2
+
+    extra = f"{setup.queue}-extra"
+    assert ok(control.add_consumer(extra, **only)) == f"add consumer {extra}"
+    wait_until(lambda: extra in {q["name"] for q in inspect.active_queues()[NODE]}, 30,
+               "the new queue to be consumed")
+    assert setup.client.module.add.apply_async((2, 2), queue=extra).get(timeout=30) == 4
+    assert ok(control.cancel_consumer(extra, **only)) == f"no longer consuming from {extra}"
+    wait_until(lambda: extra not in {q["name"] for q in inspect.active_queues()[NODE]}, 30,
+               "the queue to be cancelled")
+
+    assert ok(control.pool_grow(2, **only)) == "pool will grow"
+    wait_until(lambda: inspect.stats()[NODE]["pool"]["max-concurrency"] == 4, 30, "the grow")
+    assert ok(control.pool_shrink(1, **only)) == "pool will shrink"
+    wait_until(lambda: inspect.stats()[NODE]["pool"]["max-concurrency"] == 3, 30, "the shrink")
+
+    for command in (control.enable_events, control.heartbeat, control.disable_events):
+        [reply] = command(**only)
+        assert NODE in reply, (command, reply)
+
+    control.shutdown(destination=[NODE])
+    wait_until(lambda: all(p.poll() is not None for p in setup.workers.procs), 30,
+               "the worker to exit after shutdown")
+    assert control.ping(destination=[NODE], timeout=1) == []
+
+
 def test_revoke_while_no_worker_runs(setup: Setup) -> None:
     record = setup.client.module.record
     task_id = str(uuid.uuid4())
