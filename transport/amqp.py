@@ -102,6 +102,9 @@ __all__ = ["AMQPTransport"]
 
 logger = logging.getLogger(__name__)
 
+# Bytes asked of the socket per read (see ``_read_ahead``).
+_READ_AHEAD = 65536
+
 # -- broker constants ----------------------------------------------------------------------
 DEFAULT_PORT = 5672
 DEFAULT_TLS_PORT = 5671
@@ -221,6 +224,7 @@ class AMQPTransport(Transport):
                 f"cannot connect to {self!r}: {describe_error(exc)}"
             ) from exc
         self._conn = conn
+        _read_ahead(conn, ssl=bool(self._ssl))
         self._last_tick = time.monotonic()
         beat = float(conn.heartbeat or 0)  # as negotiated with the broker
         self._slice = min(_WAIT_SLICE, beat / 4) if beat else _WAIT_SLICE
@@ -687,6 +691,27 @@ class AMQPTransport(Transport):
         with self._translate(f"deleting exchange {exchange_name!r}"):
             self._pub.exchange_delete(exchange=exchange_name)
         self._exchanges.discard(exchange_name)
+
+
+def _read_ahead(conn: Any, *, ssl: bool) -> None:
+    """Let py-amqp's plain-TCP reader take what the socket has, not one piece at a time.
+
+    py-amqp reads a frame in three ``recv`` calls of exactly the bytes it needs
+    (header, payload, end marker): cProfile of a no-op drain counted nine per task
+    message, a fifth of the consumer's time. Its reader keeps whatever a ``recv``
+    returns beyond the bytes asked for in its read buffer and serves the next reads
+    from there, so asking the socket for up to 64 KiB each time takes in every frame
+    that has arrived in one call. TLS sockets keep py-amqp's own reader.
+    """
+    transport = conn.transport
+    if ssl or not hasattr(transport, "_quick_recv") or not hasattr(transport, "sock"):
+        return
+    recv = transport.sock.recv
+
+    def read_ahead(n: int, *flags: int) -> bytes:
+        return bytes(recv(max(n, _READ_AHEAD), *flags))
+
+    transport._quick_recv = read_ahead
 
 
 def _reaches(queue: Queue, routing_key: str) -> bool:

@@ -132,6 +132,7 @@ class Consumer:
         self.last_turn = time.monotonic()
         self.settle_completions(flush=False)
         self._run_calls()
+        self._recheck_queued()
         self._start_due_timers()
         self._start_reserved()
         self._maintain()
@@ -464,6 +465,14 @@ class Consumer:
         if self.disable_prefetch:
             return self.pool.concurrency
         return self.pool.concurrency + self.pool.queue_ahead
+
+    def _recheck_queued(self) -> None:
+        """A job revoked while it waited in the pool for a slot (``queue_ahead``) is taken
+        back with the others waiting there, so that it is checked again before it runs."""
+        if self.revoked is None or not self.pool.queue_ahead:
+            return
+        if any(not r.started and self._is_revoked(r) for r in self.active.values()):
+            self.reserved.extendleft(reversed(self._take_back()))
 
     def _take_back(self) -> list[Request]:
         """The requests the pool holds and no slot started: out of ``running`` again."""
