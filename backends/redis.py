@@ -80,6 +80,26 @@ SAFETY_POLL = 30.0
 MAX_WATCH_ATTEMPTS = 1000
 #: Idle subscriber connections kept for reuse.
 MAX_IDLE_SUBSCRIBERS = 8
+
+# store_result in one round trip (JSON results): keep a stored SUCCESS, else SET/SETEX and
+# PUBLISH, atomically inside Redis. Profiling `.delay().get()` showed WATCH + GET + MULTI/EXEC
+# at ~245 us per store against ~58 us for a PING. ARGV: the encoded meta, the TTL ('' = none).
+STORE_SCRIPT = """
+local current = redis.call('GET', KEYS[1])
+if current then
+  local ok, stored = pcall(cjson.decode, current)
+  if ok and type(stored) == 'table' and stored['status'] == 'SUCCESS' then
+    return current
+  end
+end
+if ARGV[2] == '' then
+  redis.call('SET', KEYS[1], ARGV[1])
+else
+  redis.call('SETEX', KEYS[1], ARGV[2], ARGV[1])
+end
+redis.call('PUBLISH', KEYS[1], ARGV[1])
+return false
+"""
 #: How long to wait for a SUBSCRIBE/UNSUBSCRIBE confirmation.
 CONFIRM_TIMEOUT = 10.0
 _CONNECTION_ERRORS = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, OSError)
@@ -100,6 +120,9 @@ class RedisBackend(Backend):
         query = dict(parse_qsl(urlsplit(url).query))
         self._transport_options: dict[str, Any] = {**query, **self.options.transport_options}
         self._codec = ResultCodec(self.options.serializer, self.options.accept)
+        # The script reads stored values as JSON: only when nothing else can be stored here.
+        self._json_only = self._codec.serializer == "json" and not any(
+            self._codec.accepts(name) for name in ("pickle", "msgpack", "yaml"))
         prefix = str(self._transport_options.get("global_keyprefix") or "")
         if prefix and prefix[-1] not in PREFIX_SEPARATORS:
             prefix += "_"
@@ -108,6 +131,7 @@ class RedisBackend(Backend):
             self._client, self.db = build_client(url, self._transport_options)
         except transport_errors.ImproperlyConfigured as exc:
             raise ImproperlyConfigured(f"result_backend: {exc}") from exc
+        self._store_script = self._client.register_script(STORE_SCRIPT)
         try:
             self.max_retries = int(self._transport_options.get("max_retries", MAX_RETRIES))
         except ValueError as exc:
@@ -192,6 +216,17 @@ class RedisBackend(Backend):
                          extended=self.options.extended)
         data = self._codec.encode(meta)
         key = self.task_key(task_id)
+
+        if self._json_only:
+            expires = self._expires(state)
+            ttl = "" if expires is None else str(expires)
+
+            def write_once(client: redis.Redis) -> bytes | None:
+                kept = self._store_script(keys=[key], args=[data, ttl], client=client)
+                return _raw(kept) if kept else None
+
+            kept = self._run(f"storing the result of {task_id}", write_once)
+            return meta if kept is None else self._decode_meta(task_id, kept)
 
         def write(client: redis.Redis) -> bytes | None:
             with client.pipeline() as pipe:
