@@ -54,6 +54,10 @@ def test_a_job_waiting_in_the_pool_is_revoked_before_it_runs(fleet: RedisFleet) 
     first = mod.blocker.apply_async((1, 2.0), queue=fleet.queue)
     second = mod.blocker.apply_async((2, 0.0), queue=fleet.queue)
     wait_until(lambda: mod.starts(1), 30, "the first task to start")
+    # Held by the pool for the busy child: reserved, not active (as Celery reports it).
+    inspect = mod.app.control.inspect(destination=[fleet.node], timeout=10)
+    assert [r["id"] for r in inspect.active()[fleet.node]] == [first.id]
+    assert second.id in [r["id"] for r in inspect.reserved()[fleet.node]]
     mod.app.control.revoke(second.id, destination=[fleet.node])
     assert first.get(timeout=30) == 1
     wait_until(lambda: second.state == states.REVOKED, 30, "the second task to be revoked")

@@ -127,11 +127,14 @@ class WorkerControlState:
         )
 
     def active(self) -> list[RequestView]:
-        return [self._view(r) for r in list(self.consumer.active.values())]
+        # Started runs only: a pool may hold a submitted job until a slot takes it (prefork
+        # queues one per child ahead); until then it is reserved, as in Celery.
+        return [self._view(r) for r in list(self.consumer.active.values()) if r.started]
 
     def reserved(self) -> list[RequestView]:
-        waiting = list(self.consumer.reserved)
-        waiting += [entry[-1] for entry in sorted(list(getattr(self.consumer, "limited", [])),
+        waiting = [r for r in list(self.consumer.active.values()) if not r.started]
+        waiting += list(self.consumer.reserved)
+        waiting += [entry[-1] for entry in sorted(list(self.consumer.limited),
                                                   key=lambda e: e[0])]
         return [self._view(r) for r in waiting]
 
