@@ -75,7 +75,6 @@ from __future__ import annotations
 import collections
 import contextlib
 import logging
-import select
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any, ClassVar
@@ -84,6 +83,7 @@ import amqp
 from amqp import exceptions as amqp_errors
 
 from . import amqp_delayed as ndd
+from .amqp_io import may_have_frames, read_ahead
 from .amqp_messages import describe_error, from_amqp, to_amqp
 from .base import Envelope, Message, MessageState, Transport
 from .entities import Exchange, Queue
@@ -102,8 +102,6 @@ __all__ = ["AMQPTransport"]
 
 logger = logging.getLogger(__name__)
 
-# Bytes asked of the socket per read (see ``_read_ahead``).
-_READ_AHEAD = 65536
 
 # -- broker constants ----------------------------------------------------------------------
 DEFAULT_PORT = 5672
@@ -224,7 +222,8 @@ class AMQPTransport(Transport):
                 f"cannot connect to {self!r}: {describe_error(exc)}"
             ) from exc
         self._conn = conn
-        _read_ahead(conn, ssl=bool(self._ssl))
+        if not self._ssl:
+            read_ahead(conn)
         self._last_tick = time.monotonic()
         beat = float(conn.heartbeat or 0)  # as negotiated with the broker
         self._slice = min(_WAIT_SLICE, beat / 4) if beat else _WAIT_SLICE
@@ -550,26 +549,8 @@ class AMQPTransport(Transport):
                 return
 
     def _may_have_frames(self) -> bool:
-        """False when nothing can be read now (plain TCP only; True when unsure).
-
-        py-spy on a no-op drain showed a fifth of the consumer's time in
-        ``drain_events(timeout=0)`` calls that found nothing: two ``settimeout``
-        calls, a ``recv`` and a raised timeout each. py-amqp reads a plain socket
-        exactly frame by frame, so with its read buffer empty an unreadable socket
-        means no frame; a TLS socket may hold decrypted bytes that ``select`` does
-        not see, so it is always read.
-        """
-        if self._ssl:
-            return True
-        transport = self._conn.transport
-        sock = getattr(transport, "sock", None)
-        if sock is None or len(getattr(transport, "_read_buffer", b"")):
-            return True
-        try:
-            readable, _, _ = select.select([sock], [], [], 0)
-        except (OSError, ValueError):  # closed, or a descriptor past FD_SETSIZE
-            return True
-        return bool(readable)
+        """False when nothing can be read now (see ``amqp_io.may_have_frames``)."""
+        return self._ssl or may_have_frames(self._conn)
 
     def _room(self) -> int:
         if self._prefetch <= 0:
@@ -691,27 +672,6 @@ class AMQPTransport(Transport):
         with self._translate(f"deleting exchange {exchange_name!r}"):
             self._pub.exchange_delete(exchange=exchange_name)
         self._exchanges.discard(exchange_name)
-
-
-def _read_ahead(conn: Any, *, ssl: bool) -> None:
-    """Let py-amqp's plain-TCP reader take what the socket has, not one piece at a time.
-
-    py-amqp reads a frame in three ``recv`` calls of exactly the bytes it needs
-    (header, payload, end marker): cProfile of a no-op drain counted nine per task
-    message, a fifth of the consumer's time. Its reader keeps whatever a ``recv``
-    returns beyond the bytes asked for in its read buffer and serves the next reads
-    from there, so asking the socket for up to 64 KiB each time takes in every frame
-    that has arrived in one call. TLS sockets keep py-amqp's own reader.
-    """
-    transport = conn.transport
-    if ssl or not hasattr(transport, "_quick_recv") or not hasattr(transport, "sock"):
-        return
-    recv = transport.sock.recv
-
-    def read_ahead(n: int, *flags: int) -> bytes:
-        return bytes(recv(max(n, _READ_AHEAD), *flags))
-
-    transport._quick_recv = read_ahead
 
 
 def _reaches(queue: Queue, routing_key: str) -> bool:
