@@ -166,6 +166,8 @@ def test_every_other_command_answers(setup: Setup) -> None:
     assert ok(control.pool_shrink(1, **only)) == "pool will shrink"
     wait_until(lambda: inspect.stats()[NODE]["pool"]["max-concurrency"] == 3, 30, "the shrink")
 
+    assert "revoked" in ok(control.revoke_by_stamped_headers({"tenant": "t1"}, **only))
+
     for command in (control.enable_events, control.heartbeat, control.disable_events):
         [reply] = command(**only)
         assert NODE in reply, (command, reply)
