@@ -138,6 +138,17 @@ class ResultSet:
         for result in self.results:
             result.forget()
 
+    def revoke(self, connection: Any = None, terminate: bool = False, signal: str = "SIGTERM",
+               wait: bool = False, timeout: float | None = None) -> None:
+        """Revoke every member on every worker (and on those started later), in one message.
+
+        Args: as ``AsyncResult.revoke``.
+        """
+        ids = [result.id for result in self.results]
+        if ids:
+            self.app.control.revoke(ids, connection=connection, terminate=terminate,
+                                    signal=signal, reply=wait, timeout=timeout or 1.0)
+
     @property
     def children(self) -> list[Member]:
         """The members (for ``iterdeps``/``collect`` walking through a group)."""

@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 from workers import InlineWorkers
 
-from taskframe import Task, Taskframe
+from taskframe import GroupResult, Task, Taskframe
 from taskframe.control.revoked import StateDB, store_for
 from taskframe.protocol import states
 from taskframe.worker.worker import Worker
@@ -91,6 +91,25 @@ def test_revoked_task_is_skipped_and_marked(app: Taskframe, run_worker: Any) -> 
     assert done.get(timeout=10) == "done"
     app.control.revoke(done.id, destination=[NODE], reply=True, timeout=10)
     assert app.AsyncResult(done.id).state == states.SUCCESS
+
+
+def test_group_result_revokes_every_member(app: Taskframe, run_worker: Any) -> None:
+    ran: list[int] = []
+
+    @app.task
+    def note(value: int) -> int:
+        ran.append(value)
+        return value
+
+    run_worker()
+    ids = [str(uuid.uuid4()) for _ in range(3)]
+    group = GroupResult(str(uuid.uuid4()), [app.AsyncResult(i) for i in ids], app=app)
+    group.revoke(wait=True, timeout=10)
+    for n, task_id in enumerate(ids):
+        note.apply_async((n,), task_id=task_id)
+    assert note.delay(99).get(timeout=10) == 99
+    wait_for(lambda: all(r.state == states.REVOKED for r in group.results), "REVOKED")
+    assert ran == [99]
 
 
 def test_revokes_survive_a_restart(app: Taskframe, run_worker: Any, tmp_path: Path) -> None:
