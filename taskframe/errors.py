@@ -10,6 +10,7 @@ Hierarchy::
     ├── ImproperlyConfigured          a setting or -A target is wrong
     ├── NotRegistered                 unknown task name
     ├── InvalidTaskError              a task message cannot be understood
+    ├── PoolError                     a pool cannot do what was asked (resize solo)
     ├── ResultError
     │   ├── TimeoutError              a result was not ready in time
     │   ├── BackendNotConfigured      results asked for with no result_backend
@@ -63,6 +64,7 @@ __all__ = [
     "InvalidTaskError",
     "MaxRetriesExceededError",
     "NotRegistered",
+    "PoolError",
     "PublishError",
     "Reject",
     "ResultError",
@@ -98,6 +100,10 @@ class NotRegistered(TaskframeError, KeyError):
 
 class InvalidTaskError(TaskframeError):
     """Raised when a task message is malformed (missing headers, bad body)."""
+
+
+class PoolError(TaskframeError):
+    """Raised when a worker pool cannot do what was asked (e.g. resize the solo pool)."""
 
 
 class ResultError(TaskframeError):

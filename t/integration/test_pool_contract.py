@@ -16,6 +16,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import services
 
 sys.path.insert(0, str(Path(__file__).parent / "poolproj"))
 from poolfleet import PoolFleet
@@ -56,7 +57,7 @@ def facts(pool: str) -> dict[str, object]:
         _FACTS.update(_pool_facts())
     found = _FACTS[pool]
     if "missing" in found:
-        pytest.skip(str(found["missing"]))
+        services.unavailable(str(found["missing"]))
     return found
 
 
@@ -146,8 +147,7 @@ def test_pools_can_be_named_without_importing_them() -> None:
 def test_async_soft_limit_on_other_pools_fails_the_task(fleet: PoolFleet) -> None:
     """Outside the asyncio pool an ``async def`` task runs in a loop of its own: at the soft
     limit it is cancelled and fails with SoftTimeLimitExceeded (gevent shown)."""
-    if "missing" in facts("gevent"):
-        pytest.skip("gevent is not installed")
+    facts("gevent")  # skips (or fails under TASKFRAME_REQUIRE_SERVICES=1) without gevent
     fleet.start("gevent", "-c", "2")
     result = fleet.module.asoft.apply_async((10,), soft_time_limit=0.3)
     with pytest.raises(SoftTimeLimitExceeded):

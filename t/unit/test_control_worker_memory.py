@@ -198,3 +198,13 @@ def test_shutdown_command_stops_the_worker(app: Taskframe, run_worker: Any) -> N
     deadline = time.monotonic() + 10
     while app.control.ping(destination=[NODE], timeout=0.2):
         assert time.monotonic() < deadline, "the worker still answers"
+
+
+def test_pool_resize_on_solo_answers_with_an_error(app: Taskframe, run_worker: Any) -> None:
+    run_worker(pool="solo")
+    [reply] = app.control.pool_grow(1, destination=[NODE], reply=True, timeout=10)
+    assert reply[NODE] == {"error": "pool_grow is not supported by this pool"}
+    [reply] = app.control.pool_shrink(1, destination=[NODE], reply=True, timeout=10)
+    assert reply[NODE] == {"error": "pool_shrink is not supported by this pool"}
+    stats = app.control.inspect(destination=[NODE], timeout=10).stats()
+    assert stats[NODE]["pool"]["max-concurrency"] == 1

@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 from taskframe.control.mailbox import LamportClock
 from taskframe.control.revoked import RevokedSet, RevokeStore, StateDB, store_for
 from taskframe.control.state import RequestView
+from taskframe.errors import PoolError
 
 if TYPE_CHECKING:
     from taskframe.app import Taskframe
@@ -205,7 +206,7 @@ class WorkerControlState:
             try:
                 fn(abs(delta))
                 done.set_result(True)
-            except NotImplementedError:
+            except PoolError:
                 done.set_result(False)
 
         self._on_loop(resize)

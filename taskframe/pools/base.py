@@ -163,13 +163,21 @@ class Pool(abc.ABC):
         self.abort(job, "revoked")
         return False
 
+    @abc.abstractmethod
     def grow(self, n: int = 1) -> None:
-        """Add ``n`` slots (``pool_grow``)."""
-        raise NotImplementedError(f"the {self.name} pool cannot grow")
+        """Add ``n`` slots (``pool_grow``).
 
+        Raises:
+            PoolError: this pool has a fixed size.
+        """
+
+    @abc.abstractmethod
     def shrink(self, n: int = 1) -> None:
-        """Remove ``n`` slots (``pool_shrink``); running jobs finish first."""
-        raise NotImplementedError(f"the {self.name} pool cannot shrink")
+        """Remove ``n`` slots (``pool_shrink``); running jobs finish first.
+
+        Raises:
+            PoolError: this pool has a fixed size.
+        """
 
     def run_hooks(self, hooks: Sequence[Callable[[], Any]]) -> None:
         """Run worker start/stop hooks where this pool's tasks run (default: here, now).

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from taskframe.errors import PoolError
 from taskframe.pools.threads import ThreadPool
 
 if TYPE_CHECKING:
@@ -28,8 +29,8 @@ class SoloPool(ThreadPool):
 
     def grow(self, n: int = 1) -> None:
         """The solo pool has exactly one slot."""
-        raise NotImplementedError("the solo pool has exactly one slot")
+        raise PoolError("the solo pool has exactly one slot")
 
     def shrink(self, n: int = 1) -> None:
         """The solo pool has exactly one slot."""
-        raise NotImplementedError("the solo pool has exactly one slot")
+        raise PoolError("the solo pool has exactly one slot")
