@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import os
 import socket
+from collections.abc import Sequence
 from typing import NoReturn
 
 import pytest
@@ -68,6 +69,40 @@ def redis_url(db: int = 0) -> str:
     """The shared Redis on loopback; use unique key names (or a key prefix) and clean up."""
     require_service("Redis", "127.0.0.1", 6379)
     return f"redis://127.0.0.1:6379/{db}"
+
+
+def drop_broker_names(url: str, *, queues: Sequence[str] = (), exchanges: Sequence[str] = (),
+                      db: int = 0) -> None:
+    """Delete the queues and exchanges a test declared, on RabbitMQ or on Redis.
+
+    On Redis: each queue's lists, and kombu's binding table (and deadline entry) of each
+    queue and exchange name. Names must be unique to the test: they are deleted by prefix.
+    """
+    if url.startswith("redis"):
+        import redis
+
+        for name in (*queues, *exchanges):
+            redis_delete_prefix(db, name)
+            redis_delete_prefix(db, f"_kombu.binding.{name}")
+            redis_delete_prefix(db, f"_kombu.binding_permanent.{name}")
+        client = redis.Redis(host="127.0.0.1", port=6379, db=db)
+        try:
+            if exchanges:
+                client.zrem("_kombu.binding_deadlines", *exchanges)
+        finally:
+            client.close()
+        return
+    from taskframe.transport.amqp import AMQPTransport
+
+    admin = AMQPTransport(url, {})
+    admin.connect()
+    try:
+        for name in queues:
+            admin.delete_queue(name)
+        for name in exchanges:
+            admin.delete_exchange(name)
+    finally:
+        admin.close()
 
 
 def redis_delete_prefix(db: int, prefix: str) -> int:

@@ -34,25 +34,6 @@ class Setup:
     app: Taskframe
 
 
-def _cleanup(broker: str, url: str, names: list[str]) -> None:
-    if broker == "redis":
-        for name in names:
-            services.redis_delete_prefix(DB, name)
-            services.redis_delete_prefix(DB, f"_kombu.binding.{name}")
-            services.redis_delete_prefix(DB, f"_kombu.binding_permanent.{name}")
-        return
-    from taskframe.transport.amqp import AMQPTransport
-
-    admin = AMQPTransport(url, {})
-    admin.connect()
-    try:
-        for name in names:
-            admin.delete_queue(name)
-            admin.delete_exchange(name)
-    finally:
-        admin.close()
-
-
 @pytest.fixture(params=["amqp", "redis"])
 def setup(request: pytest.FixtureRequest) -> Iterator[Setup]:
     broker = str(request.param)
@@ -78,7 +59,8 @@ def setup(request: pytest.FixtureRequest) -> Iterator[Setup]:
 
     yield Setup(broker, url, name, app)
     app.close()
-    _cleanup(broker, url, [name, f"{name}-replies"])
+    services.drop_broker_names(url, queues=[name, f"{name}-replies"],
+                               exchanges=[name, f"{name}-replies"], db=DB)
 
 
 @pytest.fixture
@@ -118,7 +100,8 @@ def test_a_retried_tasks_result_reaches_the_client(setup: Setup, worker: Worker)
         assert client.send_task("rpc.flaky").get(timeout=10) == 1
     finally:
         client.close()
-        _cleanup(setup.broker, setup.url, [client.origin])
+        services.drop_broker_names(setup.url, queues=[client.origin],
+                                   exchanges=[client.origin], db=DB)
 
 
 def test_waiters_in_many_threads_share_the_reply_queue(setup: Setup, worker: Worker) -> None:

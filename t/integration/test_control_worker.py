@@ -59,21 +59,8 @@ class Setup:
     def close(self) -> None:
         self.workers.stop()
         self.client.close()
-        if self.broker.startswith("redis"):
-            for prefix in (f"_kombu.binding.{self.ns}", f"_kombu.binding.reply.{self.ns}",
-                           self.queue, f"_kombu.binding.{self.queue}"):
-                services.redis_delete_prefix(0, prefix)
-        else:
-            from taskframe.transport.amqp import AMQPTransport
-
-            admin = AMQPTransport(self.broker, {})
-            admin.connect()
-            try:
-                admin.delete_queue(self.queue)
-                for name in (self.queue, f"{self.ns}.pidbox", f"reply.{self.ns}.pidbox"):
-                    admin.delete_exchange(name)
-            finally:
-                admin.close()
+        services.drop_broker_names(self.broker, queues=[self.queue], exchanges=[
+            self.queue, f"{self.ns}.pidbox", f"reply.{self.ns}.pidbox"])
 
 
 @pytest.fixture(params=["amqp", "redis"])
@@ -160,6 +147,7 @@ def test_every_other_command_answers(setup: Setup) -> None:
     assert ok(control.cancel_consumer(extra, **only)) == f"no longer consuming from {extra}"
     wait_until(lambda: extra not in {q["name"] for q in inspect.active_queues()[NODE]}, 30,
                "the queue to be cancelled")
+    services.drop_broker_names(setup.broker, queues=[extra], exchanges=[extra])
 
     assert ok(control.pool_grow(2, **only)) == "pool will grow"
     wait_until(lambda: inspect.stats()[NODE]["pool"]["max-concurrency"] == 4, 30, "the grow")

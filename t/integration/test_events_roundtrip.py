@@ -23,19 +23,7 @@ def broker(request: pytest.FixtureRequest) -> Iterator[tuple[str, Exchange]]:
     url = services.rabbitmq_url() if request.param == "amqp" else services.redis_url()
     name = f"tfev-{uuid.uuid4().hex[:8]}"
     yield url, event_exchange(url, name)
-    if request.param == "amqp":
-        with Connection(url) as conn:
-            conn.connect()
-            transport = conn.transport
-            assert isinstance(transport, AMQPTransport)
-            transport.delete_exchange(name)
-    else:
-        import redis
-
-        services.redis_delete_prefix(0, f"_kombu.binding.{name}")
-        client = redis.Redis(host="127.0.0.1", port=6379)
-        client.zrem("_kombu.binding_deadlines", name)
-        client.close()
+    services.drop_broker_names(url, exchanges=[name])
 
 
 def _receiver(url: str, exchange: Exchange, routing_key: str = "#") -> EventReceiver:

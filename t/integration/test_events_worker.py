@@ -45,24 +45,7 @@ class Setup:
 
 
 def _cleanup(kind: str, url: str, exchange: str, queue: str) -> None:
-    if kind == "amqp":
-        from taskframe.transport.amqp import AMQPTransport
-
-        with Connection(url) as conn:
-            conn.connect()
-            transport = conn.transport
-            assert isinstance(transport, AMQPTransport)
-            transport.delete_exchange(exchange)
-            transport.delete_queue(queue)
-            transport.delete_exchange(queue)
-    else:
-        import redis
-
-        services.redis_delete_prefix(0, f"_kombu.binding.{exchange}")
-        services.redis_delete_prefix(0, queue)
-        client = redis.Redis(host="127.0.0.1", port=6379)
-        client.zrem("_kombu.binding_deadlines", exchange)
-        client.close()
+    services.drop_broker_names(url, queues=[queue], exchanges=[exchange, queue])
 
 
 def _setup(kind: str, tmp_path: Path) -> Iterator[Setup]:

@@ -71,23 +71,9 @@ class Fleet:
         for proc in self.cel.procs:
             proc.kill()
             proc.wait()
-        if self.broker.startswith("redis"):
-            for prefix in (f"_kombu.binding.{self.ns}", f"_kombu.binding.reply.{self.ns}",
-                           self.queue, f"_kombu.binding.{self.queue}"):
-                services.redis_delete_prefix(0, prefix)
-        else:
-            from taskframe.transport.amqp import AMQPTransport
-
-            admin = AMQPTransport(self.broker, {})
-            admin.connect()
-            try:
-                for name in (self.queue, f"{self.queue}-tf"):
-                    admin.delete_queue(name)
-                    admin.delete_exchange(name)
-                for name in (f"{self.ns}.pidbox", f"reply.{self.ns}.pidbox"):
-                    admin.delete_exchange(name)
-            finally:
-                admin.close()
+        queues = [self.queue, f"{self.queue}-tf"]
+        services.drop_broker_names(self.broker, queues=queues, exchanges=[
+            *queues, f"{self.ns}.pidbox", f"reply.{self.ns}.pidbox"])
 
 
 @pytest.fixture(params=["amqp", "redis"])

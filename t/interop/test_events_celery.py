@@ -31,21 +31,7 @@ def broker(request: pytest.FixtureRequest) -> Iterator[tuple[str, str]]:
     url = services.rabbitmq_url() if request.param == "amqp" else services.redis_url()
     name = f"tfevc-{uuid.uuid4().hex[:8]}"
     yield url, name
-    if request.param == "amqp":
-        from taskframe.transport.amqp import AMQPTransport
-
-        with Connection(url) as conn:
-            conn.connect()
-            transport = conn.transport
-            assert isinstance(transport, AMQPTransport)
-            transport.delete_exchange(name)
-    else:
-        import redis
-
-        services.redis_delete_prefix(0, f"_kombu.binding.{name}")
-        client = redis.Redis(host="127.0.0.1", port=6379)
-        client.zrem("_kombu.binding_deadlines", name)
-        client.close()
+    services.drop_broker_names(url, exchanges=[name])
 
 
 class CeleryMonitor:
@@ -140,6 +126,7 @@ def test_taskframe_receiver_reads_celery_worker_events(
         proc.terminate()
         proc.wait(30)
         client.close()
+        services.drop_broker_names(url, queues=[queue], exchanges=[queue])
     events += list(receiver.itercapture(timeout=1.0))
     receiver.close()
     online = next(e for e in events if e["type"] == "worker-online")
