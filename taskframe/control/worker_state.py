@@ -28,6 +28,7 @@ from taskframe.errors import PoolError
 if TYPE_CHECKING:
     from taskframe.app import Taskframe
     from taskframe.transport import Queue
+    from taskframe.worker.consumer import Consumer
 
 __all__ = ["RemoteControl", "WorkerControlState", "load_revoked"]
 
@@ -67,7 +68,7 @@ class WorkerControlState:
         events: the worker's ``WorkerEvents`` (or ``None``).
     """
 
-    def __init__(self, worker: Any, consumer: Any, *, revoked: RevokedSet,
+    def __init__(self, worker: Any, consumer: Consumer, *, revoked: RevokedSet,
                  statedb: StateDB | None = None, store: RevokeStore | None = None,
                  events: Any = None, clock: LamportClock | None = None) -> None:
         self.worker = worker
@@ -145,7 +146,7 @@ class WorkerControlState:
                 for entry in sorted(list(self.consumer.timers), key=lambda e: e[0])]
 
     def totals(self) -> dict[str, int]:
-        return dict(getattr(self.consumer, "totals", {}))
+        return self.consumer.total_counts()
 
     def pool_stats(self) -> dict[str, Any]:
         pool = self.consumer.pool
@@ -166,11 +167,7 @@ class WorkerControlState:
     # -- changing -----------------------------------------------------------------------
 
     def _on_loop(self, fn: Callable[[], None]) -> None:
-        call_soon = getattr(self.consumer, "call_soon", None)
-        if call_soon is not None:
-            call_soon(fn)
-        else:
-            fn()
+        self.consumer.call_soon(fn)
 
     def add_consumer(self, queue: Queue) -> None:
         def add() -> None:
@@ -193,9 +190,8 @@ class WorkerControlState:
         self._on_loop(cancel)
 
     def set_rate_limit(self, task_name: str, limit: str | None) -> None:
-        set_rate_limit = getattr(self.consumer, "set_rate_limit", None)
-        if set_rate_limit is not None:
-            self._on_loop(lambda: set_rate_limit(task_name, limit))
+        consumer = self.consumer
+        self._on_loop(lambda: consumer.set_rate_limit(task_name, limit))
 
     def resize_pool(self, delta: int) -> bool:
         pool = self.consumer.pool
@@ -272,7 +268,7 @@ class RemoteControl:
         self.node = node
 
     @classmethod
-    def start(cls, worker: Any, consumer: Any, *, revoked: RevokedSet,
+    def start(cls, worker: Any, consumer: Consumer, *, revoked: RevokedSet,
               statedb: StateDB | None = None, store: RevokeStore | None = None,
               events: Any = None) -> RemoteControl:
         """Build the state and, unless remote control is off, start the node."""

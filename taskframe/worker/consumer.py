@@ -92,6 +92,7 @@ class Consumer:
         self.revoked: RevokedSet | None = None
         #: tasks accepted by the pool, by name (``inspect stats`` ``total``).
         self.totals: collections.Counter[str] = collections.Counter()
+        self._totals_lock = threading.Lock()  # pool threads count; += on a Counter races
         #: work other threads (remote control) hand to the loop's thread.
         self.calls: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
         self._acks: list[Request] = []  # reported by the pool, not sent yet
@@ -517,9 +518,15 @@ class Consumer:
         """A pool slot took the job (any thread): early acks go now."""
         request: Request = job.request
         request.started = True
-        self.totals[request.task.name] += 1
+        with self._totals_lock:
+            self.totals[request.task.name] += 1
         if not request.acks_late:
             self.report(request, ACK)
+
+    def total_counts(self) -> dict[str, int]:
+        """Tasks accepted so far, by name (a copy; safe from any thread)."""
+        with self._totals_lock:
+            return dict(self.totals)
 
     def _on_done(self, job: TaskJob, outcome: Outcome) -> None:
         """The job ended (any thread): settle late acks, free the slot."""
