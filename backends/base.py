@@ -89,10 +89,13 @@ class Backend(abc.ABC):
     Class attributes:
         schemes: URL schemes this backend serves.
         supports_push: ``wait_for`` is woken by the store, not by polling.
+        implements_incr: ``incr`` is atomic here, so chords are counted; False makes
+            chords fall back to ``celery.chord_unlock`` polling.
     """
 
     schemes: ClassVar[tuple[str, ...]] = ()
     supports_push: ClassVar[bool] = False
+    implements_incr: ClassVar[bool] = True
 
     def __init__(self, url: str, options: BackendOptions | None = None) -> None:
         self.url = url

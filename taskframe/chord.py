@@ -57,7 +57,7 @@ __all__ = [
 logger = logging.getLogger("taskframe.chord")
 
 def _has_counter(backend: Backend) -> bool:
-    return bool(getattr(backend, "implements_incr", True))
+    return backend.implements_incr
 
 
 # -- client side ------------------------------------------------------------------------

@@ -10,7 +10,6 @@ the body; then ``forget`` deletes the two counters.
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 from taskframe.canvas import flatten_ids
@@ -109,10 +108,5 @@ def forget(backend: Backend, group_id: str) -> None:
 
 def fetch_metas(backend: Backend, ids: list[str]) -> list[Any]:
     """The metas of ``ids`` in order, in one round trip where the backend can."""
-    many = getattr(backend, "get_task_metas", None)
-    if many is None:
-        return [backend.get_task_meta(tid) for tid in ids]
-    found = many(ids)
-    if isinstance(found, Mapping):
-        return [found[tid] for tid in ids]
-    return list(found)
+    found = backend.get_task_metas(ids)
+    return [found[tid] for tid in ids]

@@ -29,6 +29,7 @@ if TYPE_CHECKING:
     from taskframe.app import Taskframe
     from taskframe.transport import Queue
     from taskframe.worker.consumer import Consumer
+    from taskframe.worker.request import Request
 
 __all__ = ["RemoteControl", "WorkerControlState", "load_revoked"]
 
@@ -112,18 +113,18 @@ class WorkerControlState:
 
     # -- reading ------------------------------------------------------------------------
 
-    def _view(self, request: Any, *, eta: float | None = None) -> RequestView:
+    def _view(self, request: Request, *, eta: float | None = None) -> RequestView:
         ctx = request.context
-        job = getattr(request, "job", None)
-        started = bool(getattr(request, "started", False))
-        time_start = getattr(job, "time_start", None)
+        job, started = request.job, request.started
+        time_start = job.time_start if job is not None else None
+        pid = job.pid if job is not None else None
         message = request.message
         return RequestView(
             id=request.id, name=request.name, type=request.task.name,
             args=list(ctx.args), kwargs=dict(ctx.kwargs), hostname=self.hostname,
             time_start=time_start if started else None,
             acknowledged=message.state == "ACKED",
-            worker_pid=getattr(job, "pid", None) or (os.getpid() if started else None),
+            worker_pid=pid or (os.getpid() if started else None),
             delivery_info=dict(message.delivery_info), eta=eta,
             priority=ctx.priority, stamps=dict(ctx.stamps or {}),
         )
@@ -150,11 +151,9 @@ class WorkerControlState:
 
     def pool_stats(self) -> dict[str, Any]:
         pool = self.consumer.pool
-        stats = dict(pool.stats()) if hasattr(pool, "stats") else {}
+        stats = dict(pool.stats())  # implementation, max-concurrency, processes, ...
         app = self.app
-        stats.setdefault("implementation", type(pool).__module__ + ":" + type(pool).__name__)
         stats["max-concurrency"] = pool.concurrency
-        stats.setdefault("processes", [os.getpid()])
         stats.setdefault("max-tasks-per-child", app.conf.worker_max_tasks_per_child)
         stats.setdefault("put-guarded-by-semaphore", False)
         stats.setdefault("timeouts", [app.conf.task_soft_time_limit or 0,
@@ -195,7 +194,7 @@ class WorkerControlState:
 
     def resize_pool(self, delta: int) -> bool:
         pool = self.consumer.pool
-        fn = getattr(pool, "grow" if delta > 0 else "shrink")
+        fn = pool.grow if delta > 0 else pool.shrink
         done: concurrent.futures.Future[bool] = concurrent.futures.Future()
 
         def resize() -> None:
@@ -219,10 +218,9 @@ class WorkerControlState:
             if request is None:
                 continue
             found.append(task_id)
-            job = getattr(request, "job", None)
-            if job is not None and hasattr(pool, "terminate"):
-                # Threads and solo cannot be killed: the task sees should_abort().
-                pool.terminate(job, signum)
+            if request.job is not None:
+                # Threads and solo cannot be killed: their terminate is should_abort().
+                pool.terminate(request.job, signum)
             else:
                 request.context.request_abort("revoked")
         return found

@@ -200,7 +200,7 @@ class _Runner:
 
 def _start_hooks(app: Taskframe) -> str | None:
     """Run the app's worker start hooks here; the first failure's repr, or None."""
-    for hook in getattr(app, "worker_start_hooks", ()):
+    for hook in app.worker_start_hooks:
         try:
             call_hook(hook)
         except Exception as exc:
@@ -211,7 +211,7 @@ def _start_hooks(app: Taskframe) -> str | None:
 
 
 def _stop_hooks(app: Taskframe) -> None:
-    for hook in getattr(app, "worker_stop_hooks", ()):
+    for hook in app.worker_stop_hooks:
         try:
             call_hook(hook)
         except Exception:

@@ -347,7 +347,7 @@ class PreforkPool(Pool):
             RuntimeError: for the start hooks, when they failed in a first child (the
                 worker then stops).
         """
-        if hooks is getattr(self._app, "worker_start_hooks", None) and self._hook_error:
+        if hooks is self._app.worker_start_hooks and self._hook_error:
             raise RuntimeError(f"a worker start hook failed in a prefork child: "
                                f"{self._hook_error}")
 
