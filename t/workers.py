@@ -19,7 +19,8 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-__all__ = ["InlineWorkers", "ProjectImport", "WorkerProcs", "read_lines", "wait_until"]
+__all__ = ["InlineWorkers", "ProjectImport", "WorkerProcs", "read_lines", "stop_processes",
+           "wait_until"]
 
 
 def wait_until(predicate: Callable[[], object], timeout: float, what: str) -> None:
@@ -35,6 +36,20 @@ def wait_until(predicate: Callable[[], object], timeout: float, what: str) -> No
 def read_lines(path: Path) -> list[str]:
     """The lines of a record file (empty when it does not exist yet)."""
     return path.read_text().splitlines() if path.exists() else []
+
+
+def stop_processes(procs: list[subprocess.Popen[bytes]], timeout: float = 60.0) -> list[int]:
+    """SIGTERM every live process (a warm shutdown), wait, kill what is left; exit codes."""
+    for proc in procs:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+    for proc in procs:
+        try:
+            proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    return [proc.returncode for proc in procs]
 
 
 class ProjectImport:
@@ -91,16 +106,7 @@ class WorkerProcs:
 
     def stop(self, timeout: float = 60.0) -> list[int]:
         """SIGTERM every live worker, wait (then kill); return their exit codes."""
-        for proc in self.procs:
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-        for proc in self.procs:
-            try:
-                proc.wait(timeout=timeout)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-        return [proc.returncode for proc in self.procs]
+        return stop_processes(self.procs, timeout)
 
     def log_text(self) -> str:
         """Every worker's log, for assertion messages."""

@@ -9,7 +9,6 @@ driver (``db+postgresql+psycopg://``) because psycopg2, SQLAlchemy's default for
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -22,6 +21,7 @@ from typing import Any
 import pytest
 import services
 import sqlalchemy as sa
+from workers import stop_processes
 
 from taskframe.transport.amqp import AMQPTransport
 
@@ -108,15 +108,7 @@ class Shared:
         return "\n".join(f"--- {p.name}\n{p.read_text()}" for p in self.logs if p.exists())
 
     def stop_workers(self) -> None:
-        for proc in self.procs:
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-        for proc in self.procs:
-            try:
-                proc.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        stop_processes(self.procs)
 
     def stop(self) -> None:
         self.stop_workers()

@@ -13,7 +13,6 @@ The projects are ``t/integration/canvasproj/cvproj.py`` (taskframe) and ``cvcele
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
 import uuid
@@ -24,7 +23,7 @@ from typing import Any
 import pytest
 import redis
 import services
-from workers import wait_until
+from workers import stop_processes, wait_until
 
 pytestmark = [pytest.mark.interop, pytest.mark.redis, pytest.mark.slow]
 
@@ -77,15 +76,7 @@ class Side:
         return "\n".join(f"--- {p.name}\n{p.read_text()[-3000:]}" for p in self.logs)
 
     def close(self) -> None:
-        for proc in self.procs:
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-        for proc in self.procs:
-            try:
-                proc.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        stop_processes(self.procs)
         self.tf.app.close()
         self.cel.app.close()
         for name in ("cvproj", "cvcelery"):

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -27,6 +26,7 @@ import pytest
 import redis
 import services
 import sqlalchemy as sa
+from workers import stop_processes
 
 pytestmark = [pytest.mark.interop, pytest.mark.slow]
 
@@ -67,15 +67,7 @@ class Shared:
         return "\n".join(f"--- {p.name}\n{p.read_text()[-4000:]}" for p in self.logs)
 
     def stop(self) -> None:
-        for proc in self.procs:
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-        for proc in self.procs:
-            try:
-                proc.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        stop_processes(self.procs)
         for name in ("rcproj", "rcelery"):
             sys.modules.pop(name, None)
         if str(PROJ_DIR) in sys.path:
