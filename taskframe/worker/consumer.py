@@ -472,7 +472,8 @@ class Consumer:
         back with the others waiting there, so that it is checked again before it runs."""
         if self.revoked is None or not self.pool.queue_ahead:
             return
-        if any(not r.started and self._is_revoked(r) for r in self.active.values()):
+        # A copy: pool threads delete from ``active`` as jobs end (``_on_done``).
+        if any(not r.started and self._is_revoked(r) for r in list(self.active.values())):
             self.reserved.extendleft(reversed(self._take_back()))
 
     def _take_back(self) -> list[Request]:
