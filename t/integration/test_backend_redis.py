@@ -123,12 +123,18 @@ def test_many_waits_leave_no_subscription(backend: RedisBackend, admin: redis.Re
         timer.start()
         assert backend.wait_for(task_id, timeout=30)["result"] == "late"
         timer.join()
+    assert len(backend._idle) >= 1  # the subscriber connection is reused...
+    # ...its last UNSUBSCRIBE sent but not waited for; checked out (which reads the
+    # confirmation), it has no subscription, and the server agrees.
+    idle = len(backend._idle)
+    subs = [backend._checkout() for _ in range(idle)]
+    assert all(not sub.subscribed and not sub.channels for sub in subs)
+    for sub in subs:
+        backend._checkin(sub, clean=True)
+    assert len(backend._idle) == idle
     channels = [backend.task_key(t) for t in pending]
     assert all(count == 0 for _, count in admin.pubsub_numsub(*channels))
     assert admin.pubsub_channels(f"{prefix}*") == []
-    assert len(backend._idle) >= 1  # the subscriber connection is reused...
-    for sub in backend._idle:  # ...and left with no subscription
-        assert not sub.subscribed and not sub.channels
 
 
 def _kill_clients(admin: redis.Redis, name: str) -> int:
@@ -167,6 +173,27 @@ def test_wait_for_survives_a_dropped_connection(prefix: str, admin: redis.Redis)
     finally:
         waiter.close()
         writer.close()
+
+
+def test_idle_subscriber_dropped_before_its_unsubscribe_was_read(prefix: str,
+                                                                  admin: redis.Redis) -> None:
+    # A waiter sends UNSUBSCRIBE and returns; the subscriber goes back idle with the
+    # confirmation unread. If its connection drops meanwhile, the next wait takes another.
+    name = f"tf-idle-{uuid.uuid4().hex[:8]}"
+    waiter = make(prefix, transport_options={"client_name": name})
+    try:
+        for i in range(2):
+            waiter.mark_as_started(f"idle-{i}")
+        threading.Timer(0.05, waiter.mark_as_done, args=("idle-0", 0)).start()
+        assert waiter.wait_for("idle-0", 30)["result"] == 0
+        [idle] = waiter._idle
+        assert idle.subscribed  # the unsubscription is not confirmed yet
+        assert _kill_clients(admin, name) >= 1
+        threading.Timer(0.05, waiter.mark_as_done, args=("idle-1", 1)).start()
+        assert waiter.wait_for("idle-1", 30)["result"] == 1
+        assert waiter._idle and waiter._idle[0] is not idle
+    finally:
+        waiter.close()
 
 
 def test_unreachable_server_is_a_backend_error() -> None:
