@@ -20,17 +20,27 @@ __all__ = [
     "RESTORE_EXPIRED",
 ]
 
-#: Pop up to ARGV[1] messages from the lists KEYS[3..] (in that order: the
-#: caller puts them priority-major) and record each in the unacked hash
-#: KEYS[1] and index KEYS[2] with score ARGV[2], in kombu's format
-#: ``[envelope, exchange, routing_key]``. ARGV[3] prefixes the tags made up
-#: for envelopes without one; ARGV[3 + i] is the queue name of KEYS[2 + i],
-#: used as routing key when an envelope cannot be read. Returns a flat list
-#: ``tag, envelope, key index, ...``. Pop and record are one step, so a
-#: message is always in a list or in the unacked hash, never only in flight.
+#: Ack, then claim. First removes the ARGV[4] tags ARGV[5..4+n] from the unacked
+#: hash KEYS[1] and index KEYS[2] (the acks of the caller's last batch, so that they
+#: cost no round trip of their own). Then pops up to ARGV[1] messages from the
+#: lists KEYS[3..] (in that order: the caller puts them priority-major) and records
+#: each in the hash and index with score ARGV[2], in kombu's format
+#: ``[envelope, exchange, routing_key]``. ARGV[3] prefixes the tags made up for
+#: envelopes without one; ARGV[4 + n + i - 2] is the queue name of KEYS[i], used as
+#: routing key when an envelope cannot be read. Returns a flat list: the number of
+#: acked tags that were no longer held, those tags, then ``tag, envelope, key
+#: index, ...`` per message taken. Pop and record are one step, so a message is
+#: always in a list or in the unacked hash, never only in flight.
 CLAIM = """
 local limit = tonumber(ARGV[1])
-local out = {}
+local nacks = tonumber(ARGV[4])
+local lost = {}
+for j = 5, 4 + nacks do
+    redis.call('ZREM', KEYS[2], ARGV[j])
+    if redis.call('HDEL', KEYS[1], ARGV[j]) == 0 then lost[#lost + 1] = ARGV[j] end
+end
+local out = {#lost}
+for _, tag in ipairs(lost) do out[#out + 1] = tag end
 local taken = 0
 for i = 3, #KEYS do
     while taken < limit do
@@ -50,7 +60,7 @@ for i = 3, #KEYS do
         end
         if type(tag) ~= 'string' or tag == '' then tag = ARGV[3] .. taken end
         if type(exchange) ~= 'string' then exchange = '' end
-        if type(routing_key) ~= 'string' then routing_key = ARGV[i + 1] end
+        if type(routing_key) ~= 'string' then routing_key = ARGV[i + 2 + nacks] end
         redis.call('ZADD', KEYS[2], ARGV[2], tag)
         redis.call('HSET', KEYS[1], tag, '[' .. raw .. ', ' .. cjson.encode(exchange)
             .. ', ' .. cjson.encode(routing_key) .. ']')

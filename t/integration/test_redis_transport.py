@@ -127,6 +127,66 @@ def test_publish_poll_ack_in_kombus_envelope(broker: Broker) -> None:
     assert consumer.queue_size(q) == 0
 
 
+def test_batched_acks_go_with_the_next_claim_or_on_their_own(broker: Broker) -> None:
+    q = qname()
+    consumer = broker.make()
+    consumer.declare(Queue(q))
+    consumer.consume([Queue(q)])
+    unacked, index = broker.prefix + "unacked", broker.prefix + "unacked_index"
+
+    def held_in_redis() -> set[str]:
+        return {k.decode() for k in broker.raw.hkeys(unacked)}
+
+    for n in range(4):
+        consumer.publish(envelope(n), exchange="", routing_key=q)
+    first = receive(consumer, 4)
+    consumer.ack_many(first[:3])
+    assert all(m.settled for m in first[:3])
+    # Not sent yet: they ride on the next claim, in its script (one round trip).
+    assert held_in_redis() == {str(m.delivery_tag) for m in first}
+    consumer.publish(envelope(4), exchange="", routing_key=q)
+    [fifth] = receive(consumer, 1)
+    assert held_in_redis() == {str(first[3].delivery_tag), str(fifth.delivery_tag)}
+    assert broker.raw.zcard(index) == 2
+    # A poll that claims nothing sends them too (prefetch full: no claim).
+    consumer.set_prefetch(1)
+    consumer.ack_many([first[3], fifth])
+    assert consumer.poll(0.05) == [] and held_in_redis() == set()
+    # ...as do maintain() and close().
+    consumer.set_prefetch(0)
+    for n in range(2):
+        consumer.publish(envelope(n), exchange="", routing_key=q)
+    pair = receive(consumer, 2)
+    consumer.ack_many(pair)
+    consumer.maintain()
+    assert held_in_redis() == set() and broker.raw.zcard(index) == 0
+    for n in range(2):
+        consumer.publish(envelope(n), exchange="", routing_key=q)
+    pair = receive(consumer, 2)
+    consumer.ack_many(pair)
+    consumer.close()
+    assert held_in_redis() == set() and broker.raw.zcard(index) == 0
+    assert broker.raw.llen(broker.prefix + q) == 0  # acked, not given back
+
+
+def test_an_ack_of_a_message_restored_meanwhile_warns(broker: Broker,
+                                                      caplog: pytest.LogCaptureFixture) -> None:
+    q = qname()
+    consumer = broker.make()
+    consumer.declare(Queue(q))
+    consumer.consume([Queue(q)])
+    for n in range(2):
+        consumer.publish(envelope(n), exchange="", routing_key=q)
+    pair = receive(consumer, 2)
+    broker.raw.hdel(broker.prefix + "unacked", str(pair[0].delivery_tag))  # as a restore does
+    consumer.ack_many(pair)
+    consumer.publish(envelope(2), exchange="", routing_key=q)
+    with caplog.at_level("WARNING", logger="taskframe.transport.redis"):
+        receive(consumer, 1)
+    assert [r.getMessage() for r in caplog.records if "no longer held" in r.getMessage()] \
+        and str(pair[0].delivery_tag) in caplog.text
+
+
 def test_reject_with_and_without_requeue(broker: Broker) -> None:
     q = qname()
     transport = broker.make()
