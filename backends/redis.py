@@ -385,13 +385,11 @@ class RedisBackend(Backend):
             # reply is normally here already. Messages still queued for that channel go
             # with it. A subscriber that cannot confirm is closed and another one tried.
             try:
-                self._confirm(sub, "unsubscribe")
+                self._confirm(sub, "unsubscribe")  # its one channel: none is left
             except _CONNECTION_ERRORS:
                 self._checkin(sub, clean=False)
                 continue
-            if not sub.subscribed:
-                return sub
-            self._checkin(sub, clean=False)
+            return sub
 
     def _checkin(self, sub: redis.client.PubSub, clean: bool) -> None:
         # A subscriber is reused only when its last subscription was undone (``clean``:
