@@ -85,6 +85,9 @@ def test_results_failures_and_time_limits(fleet: PoolFleet, pool: str) -> None:
         soft_task, hard_task = (proj.asoft, proj.ahard) if pool == "asyncio" else \
             (proj.soft, proj.hard)
         soft = soft_task.apply_async((10,), soft_time_limit=0.3)
+        # ...and an ``async def`` body catches SoftTimeLimitExceeded at its ``await`` on
+        # every pool that enforces limits (not only on asyncio).
+        async_soft = proj.asoft.apply_async((10,), soft_time_limit=0.3)
         hard = hard_task.apply_async((10,), time_limit=0.5)
         async_hard = proj.ahard.apply_async((10,), time_limit=0.5)
     who = proj.whoami.delay()
@@ -101,6 +104,7 @@ def test_results_failures_and_time_limits(fleet: PoolFleet, pool: str) -> None:
     if not limits:
         return
     assert soft.get(timeout=30) == "soft", "SoftTimeLimitExceeded is raised inside the task"
+    assert async_soft.get(timeout=30) == "soft", "...and inside an async def task"
     for result in (hard, async_hard):
         with pytest.raises(TimeLimitExceeded):
             result.get(timeout=30)
@@ -144,11 +148,11 @@ def test_pools_can_be_named_without_importing_them() -> None:
     assert {"solo", "threads", "gevent", "eventlet", "asyncio"} <= set(names)
 
 
-def test_async_soft_limit_on_other_pools_fails_the_task(fleet: PoolFleet) -> None:
-    """Outside the asyncio pool an ``async def`` task runs in a loop of its own: at the soft
-    limit it is cancelled and fails with SoftTimeLimitExceeded (gevent shown)."""
+def test_async_soft_limit_not_caught_fails_the_task(fleet: PoolFleet) -> None:
+    """An ``async def`` body that does not catch the soft limit fails with
+    SoftTimeLimitExceeded (gevent shown: the greenlet passes it on to the coroutine)."""
     facts("gevent")  # skips (or fails under TASKFRAME_REQUIRE_SERVICES=1) without gevent
     fleet.start("gevent", "-c", "2")
-    result = fleet.module.asoft.apply_async((10,), soft_time_limit=0.3)
+    result = fleet.module.asoft_uncaught.apply_async((10,), soft_time_limit=0.3)
     with pytest.raises(SoftTimeLimitExceeded):
         result.get(timeout=30)

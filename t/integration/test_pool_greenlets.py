@@ -19,7 +19,7 @@ sys.path.insert(0, str(Path(__file__).parent / "poolproj"))
 from poolfleet import PROJ_DIR, PoolFleet, max_overlap
 from workers import wait_until
 
-from taskframe.errors import SoftTimeLimitExceeded, TimeLimitExceeded
+from taskframe.errors import TimeLimitExceeded
 from taskframe.protocol import states
 
 GREEN_POOLS = [
@@ -67,9 +67,8 @@ def test_results_limits_and_async_tasks(fleet: PoolFleet, pool: str) -> None:
     with pytest.raises(TimeLimitExceeded):
         ahard.get(timeout=20)
     # An async task here runs in a native thread: at the soft limit the greenlet that
-    # waits for it gets SoftTimeLimitExceeded and its coroutine is cancelled.
-    with pytest.raises(SoftTimeLimitExceeded):
-        asoft.get(timeout=20)
+    # waits for it passes SoftTimeLimitExceeded on to the coroutine, which caught it.
+    assert asoft.get(timeout=20) == "soft"
     assert sorted(r.get(timeout=20) for r in naps) == list(range(10))
     assert max_overlap(fleet.lines()) >= 5
 

@@ -33,6 +33,7 @@ from taskframe.context import Context
 from taskframe.errors import NotRegistered, SoftTimeLimitExceeded
 from taskframe.pools.base import TaskJob, call_hook, internal_failure
 from taskframe.protocol import states
+from taskframe.worker.coroutines import deliver_soft_limit
 
 if TYPE_CHECKING:
     from taskframe.app import Taskframe
@@ -123,8 +124,9 @@ class _Runner:
         self.aborts: dict[int, str] = {}
 
     def on_soft_limit(self, signum: int, frame: FrameType | None) -> None:
-        """SIGUSR1: raise in the task (ignored between tasks: the parent was late)."""
-        if self.current is not None:
+        """SIGUSR1: raise in the task (ignored between tasks: the parent was late); an
+        ``async def`` body gets it at its current ``await`` (``deliver_soft_limit``)."""
+        if self.current is not None and not deliver_soft_limit():
             raise SoftTimeLimitExceeded()
 
     def read_aborts(self) -> None:

@@ -9,7 +9,12 @@ Two cases run it in a native thread instead, the caller waiting for it:
 - the caller is a greenlet (gevent, eventlet): greenlets share their thread's
   "running loop" slot, so two of them cannot each run a loop. The library's own
   thread pool runs it, so only the calling greenlet waits. When the greenlet is
-  interrupted (a time limit, a kill), the coroutine is cancelled.
+  interrupted (the hard time limit, a kill), the coroutine is cancelled.
+
+The soft time limit reaches the body itself on every pool that enforces it:
+``SoftTimeLimitExceeded`` is raised at the coroutine's current ``await``, where the
+task may catch it (on gevent/eventlet the waiting greenlet passes it on; on prefork
+the child's SIGUSR1 handler calls ``deliver_soft_limit``).
 
 When the worker asks the task to abort (the soft-shutdown deadline, a revoke), the
 coroutine is cancelled: it sees ``asyncio.CancelledError``, as on the asyncio pool.
@@ -30,7 +35,9 @@ import contextlib
 import contextvars
 import inspect
 import sys
-from collections.abc import Awaitable, Callable, Coroutine, Generator
+import threading
+import time
+from collections.abc import Awaitable, Callable, Generator
 from typing import TYPE_CHECKING, Any, Generic, TypeVar, cast
 
 from taskframe.context import Context, current_request
@@ -39,7 +46,7 @@ from taskframe.errors import Reject, SoftTimeLimitExceeded, TimeLimitExceeded
 if TYPE_CHECKING:
     from taskframe.task import Task
 
-__all__ = ["TIME_LIMIT", "BodyRun", "is_async_task", "run_coroutine"]
+__all__ = ["TIME_LIMIT", "BodyRun", "deliver_soft_limit", "is_async_task", "run_coroutine"]
 
 T = TypeVar("T")
 
@@ -48,6 +55,9 @@ TIME_LIMIT = "time limit"
 
 #: Seconds between two looks at ``request.should_abort()`` while a coroutine runs.
 ABORT_POLL_INTERVAL = 0.1
+#: Seconds between two looks at a coroutine's outcome by a greenlet whose wait for it
+#: was interrupted by the soft time limit.
+GREEN_WAIT_INTERVAL = 0.01
 
 
 def is_async_task(task: Task[Any, Any]) -> bool:
@@ -59,31 +69,79 @@ def is_async_task(task: Task[Any, Any]) -> bool:
 
 
 class _ThreadRun:
-    """One coroutine run by ``asyncio.run`` in a native thread; cancellable from outside."""
+    """One coroutine run by ``asyncio.run``, as a ``BodyRun`` so that a soft time limit
+    can reach it; cancellable from outside."""
 
-    def __init__(self, awaitable: Awaitable[Any]) -> None:
+    def __init__(self, awaitable: Awaitable[Any], ctx: Context | None = None) -> None:
         self.awaitable = awaitable
+        self.ctx = ctx  # cancelled once it is asked to abort
+        self.body = BodyRun()
         self.loop: asyncio.AbstractEventLoop | None = None
         self.task: asyncio.Task[Any] | None = None
+        self.outcome: tuple[Any, BaseException | None] | None = None
 
     def __call__(self) -> tuple[Any, BaseException | None]:
         """Run it: ``(value, None)`` or ``(None, exception)``, carried to the waiting side
         (thread pools drop a ``BaseException`` such as ``CancelledError``)."""
         try:
-            return asyncio.run(self._main()), None
+            outcome: tuple[Any, BaseException | None] = asyncio.run(self._main()), None
         except BaseException as exc:
-            return None, exc
+            outcome = None, exc
+        self.outcome = outcome
+        return outcome
 
     async def _main(self) -> Any:
         self.loop = asyncio.get_running_loop()
         self.task = asyncio.current_task()
-        return await self.awaitable
+        if self.ctx is None:
+            return await self.body.run(self.awaitable)
+        watcher = asyncio.ensure_future(_cancel_on_abort(self.ctx, self.body))
+        try:
+            return await self.body.run(self.awaitable)
+        finally:
+            watcher.cancel()
 
     def cancel(self) -> None:
         loop, task = self.loop, self.task
         if loop is not None and task is not None:
             with contextlib.suppress(RuntimeError):  # the loop already ended
                 loop.call_soon_threadsafe(task.cancel)
+
+    def soft_limit(self) -> bool:
+        """Raise ``SoftTimeLimitExceeded`` in the body at its current ``await`` (from any
+        thread, a signal handler included). False when the body has not started."""
+        loop = self.loop
+        if loop is None:
+            return False
+        with contextlib.suppress(RuntimeError):  # the loop ended: the body is done
+            loop.call_soon_threadsafe(self.body.soft_limit)
+        return True
+
+    def wait_cooperatively(self) -> tuple[Any, BaseException | None]:
+        """The outcome, waited for by a greenlet (the patched ``time.sleep`` yields)."""
+        while self.outcome is None:
+            time.sleep(GREEN_WAIT_INTERVAL)
+        return self.outcome
+
+
+#: Coroutine runs a soft time limit may reach, by the thread that runs them
+#: (``deliver_soft_limit``).
+_soft_targets: dict[int, _ThreadRun] = {}
+
+
+def deliver_soft_limit() -> bool:
+    """Hand a soft time limit to the ``async def`` body the calling thread runs, if any.
+
+    For pools that signal the soft limit to the thread running the task (prefork's
+    SIGUSR1 handler): raising there would break out of the event loop, so the body
+    would only see its cancellation. Instead ``SoftTimeLimitExceeded`` is raised in
+    the body at its current ``await``, where it may catch it, as on the asyncio pool.
+
+    Returns:
+        False when no coroutine runs in this thread (raise as for a sync task).
+    """
+    run = _soft_targets.get(threading.get_ident())
+    return run is not None and run.soft_limit()
 
 
 def _green_offload() -> Callable[[Callable[[], Any]], Any] | None:
@@ -120,7 +178,7 @@ def run_coroutine(awaitable: Awaitable[T]) -> T:
     if ctx is not None and ctx.is_eager:
         ctx = None  # nobody asks an eager call to abort
     try:
-        return _run_coroutine(_watched(awaitable, ctx))
+        return _run_coroutine(awaitable, ctx)
     except asyncio.CancelledError:
         if ctx is None or not ctx.should_abort():
             raise
@@ -128,34 +186,39 @@ def run_coroutine(awaitable: Awaitable[T]) -> T:
     raise Reject(f"cancelled ({reason})", requeue=reason == "shutdown")
 
 
-async def _watched(awaitable: Awaitable[T], ctx: Context | None) -> T:
-    """Await ``awaitable``; cancel it once ``ctx`` is asked to abort."""
-    if ctx is None:
-        return await awaitable
-    task: asyncio.Future[T] = asyncio.ensure_future(awaitable)
-    watcher = asyncio.ensure_future(_cancel_on_abort(ctx, task))
-    try:
-        return await task
-    finally:
-        watcher.cancel()
-
-
-async def _cancel_on_abort(ctx: Context, task: asyncio.Future[Any]) -> None:
+async def _cancel_on_abort(ctx: Context, body: BodyRun) -> None:
+    """Cancel ``body`` once ``ctx`` is asked to abort (it sees ``CancelledError``)."""
     while not ctx.should_abort():
         await asyncio.sleep(ABORT_POLL_INTERVAL)
-    task.cancel(ctx.abort_reason)
+    body.cancel(str(ctx.abort_reason))
 
 
-def _run_coroutine(coro: Coroutine[Any, Any, T]) -> T:
+def _run_coroutine(awaitable: Awaitable[T], ctx: Context | None) -> T:
     offload = _green_offload()
-    if offload is None and not _loop_running():
-        return asyncio.run(coro)
-    context = contextvars.copy_context()  # self.request, in the native thread too
-    run = _ThreadRun(coro)
+    run = _ThreadRun(awaitable, ctx)
     outcome: tuple[Any, BaseException | None]
+    if offload is None and not _loop_running():
+        me = threading.get_ident()
+        _soft_targets[me] = run
+        try:
+            outcome = run()
+        finally:
+            del _soft_targets[me]
+        value, error = outcome
+        if error is not None:
+            raise error
+        return cast(T, value)
+    context = contextvars.copy_context()  # self.request, in the native thread too
     if offload is not None:
         try:
-            outcome = offload(lambda: context.run(run))
+            try:
+                outcome = offload(lambda: context.run(run))
+            except SoftTimeLimitExceeded:
+                # The green pool's soft limit reached this greenlet, which only waits:
+                # it goes on to the coroutine, which may catch it; wait on.
+                if not run.soft_limit():
+                    raise
+                outcome = run.wait_cooperatively()
         except BaseException:
             run.cancel()
             raise

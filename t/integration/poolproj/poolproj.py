@@ -103,6 +103,12 @@ async def asoft(seconds: float) -> str:
     return "slept"
 
 
+@app.task(name="poolproj.asoft_uncaught")
+async def asoft_uncaught(seconds: float) -> str:
+    await asyncio.sleep(seconds)
+    return "slept"
+
+
 @app.task(name="poolproj.hard")
 def hard(seconds: float) -> str:
     time.sleep(seconds)
