@@ -140,35 +140,44 @@ class Bench:
              fn: Callable[[Broker, str, str], Cell]) -> None:
         row: dict[str, Any] = {"broker": broker.name, "pool": pool,
                                "concurrency": CONCURRENCY[pool]}
+        runs: dict[str, list[Cell]] = {framework: [] for framework in FRAMEWORKS}
+        # With --repeat the frameworks take turns (tf, Celery, tf, ...): the machine's
+        # speed drifts over minutes, and a drift must not favour either side.
+        for i in range(self.o.repeat):
+            for framework in FRAMEWORKS:
+                if self._unavailable(framework, pool):
+                    continue
+                label = f"{workload} {broker.name} {framework} -P {pool} -c {CONCURRENCY[pool]}"
+                runs[framework].append(self._cell(self._nth(label, i), fn, broker, framework,
+                                                  pool))
         for framework in FRAMEWORKS:
             na = self._unavailable(framework, pool)
-            label = f"{workload} {broker.name} {framework} -P {pool} -c {CONCURRENCY[pool]}"
-            row[framework] = {"na": na} if na else self._repeated(label, fn, broker, framework,
-                                                                   pool)
+            row[framework] = {"na": na} if na else _median_cell(runs[framework])
         self.results[workload].append(row)
 
-    def _repeated(self, label: str, fn: Callable[..., Cell], *args: Any) -> Cell:
-        """``--repeat`` runs of one cell: the median of each figure, every run kept."""
-        runs = [self._cell(label if self.o.repeat == 1 else f"{label} run {i + 1}", fn, *args)
-                for i in range(self.o.repeat)]
-        good = [r for r in runs if "error" not in r]
-        if len(runs) == 1 or not good:
-            return runs[0]
-        merged: Cell = {key: statistics.median(r[key] for r in good) for key in good[0]}
-        merged["runs"] = runs
-        return merged
+    def _nth(self, label: str, i: int) -> str:
+        return label if self.o.repeat == 1 else f"{label} run {i + 1}"
 
     def _idle_row(self, broker: Broker, pool: str) -> None:
-        """One worker per framework answers both ``rss`` and ``latency`` for ``pool``."""
+        """One worker per framework and run answers both ``rss`` and ``latency`` for ``pool``."""
         rows = {w: {"broker": broker.name, "pool": pool, "concurrency": CONCURRENCY[pool]}
                 for w in ("rss", "latency") if pool in self._pools(w)}
+        runs: dict[str, dict[str, list[Cell]]] = {
+            framework: {w: [] for w in rows} for framework in FRAMEWORKS}
+        for i in range(self.o.repeat):
+            for framework in FRAMEWORKS:
+                if self._unavailable(framework, pool):
+                    continue
+                label = (f"idle/latency {broker.name} {framework} -P {pool} "
+                         f"-c {CONCURRENCY[pool]}")
+                cells = self._cell(self._nth(label, i), self.idle_and_latency, broker,
+                                   framework, pool, list(rows))
+                for workload in rows:
+                    runs[framework][workload].append(cells.get(workload, cells))
         for framework in FRAMEWORKS:
             na = self._unavailable(framework, pool)
-            label = f"idle/latency {broker.name} {framework} -P {pool} -c {CONCURRENCY[pool]}"
-            cells = {w: {"na": na} for w in rows} if na else self._cell(
-                label, self.idle_and_latency, broker, framework, pool, list(rows))
             for workload, row in rows.items():
-                row[framework] = cells.get(workload, cells)
+                row[framework] = {"na": na} if na else _median_cell(runs[framework][workload])
         for workload, row in rows.items():
             self.results[workload].append(row)
 
@@ -310,6 +319,16 @@ class Bench:
         return {"p50_ms": statistics.median(samples) * 1000,
                 "p99_ms": samples[min(len(samples) - 1, int(len(samples) * 0.99))] * 1000,
                 "mean_ms": statistics.fmean(samples) * 1000, "calls": len(samples)}
+
+
+def _median_cell(runs: list[Cell]) -> Cell:
+    """``--repeat`` runs of one cell: the median of each figure, every run kept."""
+    good = [r for r in runs if "error" not in r]
+    if len(runs) == 1 or not good:
+        return runs[0]
+    merged: Cell = {key: statistics.median(r[key] for r in good) for key in good[0]}
+    merged["runs"] = runs
+    return merged
 
 
 def _raw_redis(url: str, key: str, n: int) -> tuple[float, int]:

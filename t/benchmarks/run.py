@@ -57,7 +57,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--latency-calls", type=int, default=None,
                         help="timed .delay().get() round trips (500; --quick 100)")
     parser.add_argument("--repeat", type=int, default=1,
-                        help="run each drain and sleep cell this many times; report medians")
+                        help="run each cell this many times, taskframe and Celery taking turns; "
+                             "report medians")
     parser.add_argument("--quick", action="store_true", help="smaller counts, for a check")
     parser.add_argument("--amqp-url", default="amqp://guest:guest@127.0.0.1:5672//")
     parser.add_argument("--redis-url", default="redis://127.0.0.1:6379/0",
