@@ -199,3 +199,54 @@ def test_recheck_of_queued_jobs_survives_jobs_ending_meanwhile(app: Taskframe) -
     consumer._is_revoked = is_revoked  # type: ignore[method-assign]
     consumer._recheck_queued()
     assert checked == ["a", "b", "c"] and list(consumer.active) == ["a", "b"]
+
+
+@pytest.mark.parametrize("pool_name", ["threads", "solo"])
+def test_jobs_queued_ahead_in_a_thread_pool_start_in_order_or_come_back(
+        app: Taskframe, pool_name: str) -> None:
+    # A thread pool holds up to ``concurrency`` jobs beyond its threads; a thread takes
+    # the next one as it ends a job. Those no thread took come back with take_back()
+    # untouched: neither accepted (no early ack) nor done.
+    from taskframe.context import Context
+    from taskframe.pools import POOLS
+    from taskframe.pools.base import TaskJob
+
+    release = threading.Event()
+    started: list[int] = []
+
+    @app.task
+    def step(n: int) -> int:
+        started.append(n)
+        release.wait(10)
+        return n
+
+    pool = POOLS[pool_name](1, app=app)
+    assert pool.queue_ahead == 1
+    accepted: list[int] = []
+    done: list[int] = []
+
+    def job(n: int) -> TaskJob:
+        return TaskJob(task=step, context=Context(id=f"j{n}", task=step.name, args=[n]),
+                       store=False, on_accepted=lambda j: accepted.append(j.context.args[0]),
+                       on_done=lambda j, o: done.append(o.retval))
+
+    pool.start()
+    try:
+        jobs = [job(n) for n in range(3)]
+        for j in jobs:
+            pool.submit(j)
+        wait_for = time.monotonic() + 10
+        while not started and time.monotonic() < wait_for:
+            time.sleep(0.01)
+        assert started == [0]
+        assert pool.take_back() == jobs[1:]
+        assert pool.take_back() == []
+        release.set()
+        while len(done) < 1 and time.monotonic() < wait_for:
+            time.sleep(0.01)
+        pool.submit(jobs[1])  # given back, then submitted again: runs once
+        while len(done) < 2 and time.monotonic() < wait_for:
+            time.sleep(0.01)
+    finally:
+        pool.stop(timeout=5)
+    assert started == [0, 1] and accepted == [0, 1] and done == [0, 1]
