@@ -20,13 +20,13 @@ from __future__ import annotations
 import fnmatch
 import logging
 import re
-import threading
 import time
 import uuid
 from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from taskframe.clock import LamportClock
 from taskframe.transport import Envelope, Exchange, Message, Queue
 from taskframe.transport.errors import PublishError, TransportError
 from taskframe.transport.serialization import dumps
@@ -42,30 +42,6 @@ logger = logging.getLogger("taskframe.control.mailbox")
 Reply = dict[str, Any]
 
 DEFAULT_TIMEOUT = 1.0
-
-
-class LamportClock:
-    """A logical clock shared by requests, replies and events (Celery's ``clock`` header)."""
-
-    def __init__(self, value: int = 0) -> None:
-        self.value = value
-        self._lock = threading.Lock()
-
-    def forward(self) -> int:
-        """Tick once for a message sent; return the new value."""
-        with self._lock:
-            self.value += 1
-            return self.value
-
-    def adjust(self, other: Any) -> int:
-        """Move past a clock value received from elsewhere."""
-        try:
-            seen = int(other or 0)
-        except (TypeError, ValueError):
-            seen = 0
-        with self._lock:
-            self.value = max(self.value, seen) + 1
-            return self.value
 
 
 def node_matches(hostname: str, destination: Collection[str] | None,

@@ -14,11 +14,11 @@ from __future__ import annotations
 
 import os
 import platform
-import threading
 import time
 from typing import Any, Protocol
 
 from taskframe import __version__
+from taskframe.clock import LamportClock
 from taskframe.transport import Exchange
 
 __all__ = [
@@ -70,26 +70,6 @@ class Clock(Protocol):
     def forward(self) -> int: ...
 
     def adjust(self, other: int) -> int: ...
-
-
-class LamportClock:
-    """A Lamport clock: ``forward()`` before sending, ``adjust(other)`` on receipt."""
-
-    def __init__(self, value: int = 0) -> None:
-        self.value = value
-        self._lock = threading.Lock()
-
-    def forward(self) -> int:
-        """Advance by one and return the new value."""
-        with self._lock:
-            self.value += 1
-            return self.value
-
-    def adjust(self, other: int) -> int:
-        """Move past ``other`` (a clock value received from a peer); return the new value."""
-        with self._lock:
-            self.value = max(self.value, int(other)) + 1
-            return self.value
 
 
 def event_exchange(broker_url: str, name: str = EVENT_EXCHANGE) -> Exchange:
