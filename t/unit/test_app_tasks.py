@@ -174,7 +174,9 @@ def test_signals_fire_in_order(app: Taskframe) -> None:
     def success(sender: Any, result: Any, **kw: Any) -> None:
         seen.append(f"success:{result}")
 
-    def postrun(sender: Any, state: str, **kw: Any) -> None:
+    def postrun(sender: Any, state: str, task_id: str, **kw: Any) -> None:
+        # Still inside the request, as in Celery (sync and async bodies alike).
+        assert sender.request.id == task_id
         seen.append(f"postrun:{state}")
 
     signals.task_prerun.connect(prerun, sender=sig_task)

@@ -76,14 +76,21 @@ def execute(task: Task[Any, Any], ctx: Context, *, store: bool = True) -> Outcom
         signals.task_prerun.send(sender=task, task_id=ctx.id, task=task, args=args,
                                  kwargs=kwargs)
         outcome = _run_body(task, ctx, args, kwargs, backend)
-        try:
-            task.after_return(outcome.state, outcome.retval, str(ctx.id), args, kwargs,
-                              outcome.traceback)
-        except Exception:
-            logger.exception("after_return of %s raised", task.name)
+        _after_run(task, ctx, args, kwargs, outcome)
+    return outcome
+
+
+def _after_run(task: Task[Any, Any], ctx: Context, args: list[Any], kwargs: dict[str, Any],
+               outcome: Outcome) -> None:
+    """``after_return``, then ``task_postrun``: still inside the request, as in Celery
+    (its trace pops the request after the postrun receivers ran)."""
+    try:
+        task.after_return(outcome.state, outcome.retval, str(ctx.id), args, kwargs,
+                          outcome.traceback)
+    except Exception:
+        logger.exception("after_return of %s raised", task.name)
     signals.task_postrun.send(sender=task, task_id=ctx.id, task=task, args=args, kwargs=kwargs,
                               retval=outcome.retval, state=outcome.state)
-    return outcome
 
 
 def _run_body(task: Task[Any, Any], ctx: Context, args: list[Any], kwargs: dict[str, Any],

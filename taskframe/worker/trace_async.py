@@ -20,6 +20,7 @@ from taskframe.context import Context, request_context
 from taskframe.worker.coroutines import BodyRun
 from taskframe.worker.trace import (
     Outcome,
+    _after_run,
     _before_body,
     _exception_outcome,
     _maybe_autoretry,
@@ -85,13 +86,7 @@ def _finish(task: Task[Any, Any], ctx: Context, args: list[Any], kwargs: dict[st
         outcome = _on_success(task, ctx, retval, backend)
     else:
         outcome = _error_outcome(task, ctx, backend, error, from_body)
-    try:
-        task.after_return(outcome.state, outcome.retval, str(ctx.id), args, kwargs,
-                          outcome.traceback)
-    except Exception:
-        logger.exception("after_return of %s raised", task.name)
-    signals.task_postrun.send(sender=task, task_id=ctx.id, task=task, args=args, kwargs=kwargs,
-                              retval=outcome.retval, state=outcome.state)
+    _after_run(task, ctx, args, kwargs, outcome)
     return outcome
 
 
