@@ -17,9 +17,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent / "poolproj"))
 from poolfleet import PROJ_DIR, PoolFleet, max_overlap
-from workers import wait_until
 
-from taskframe.errors import TimeLimitExceeded
 from taskframe.protocol import states
 
 GREEN_POOLS = [
@@ -48,41 +46,14 @@ def test_100_sleeping_tasks_run_at_once(fleet: PoolFleet, pool: str) -> None:
 
 
 @pytest.mark.parametrize("pool", GREEN_POOLS)
-def test_results_limits_and_async_tasks(fleet: PoolFleet, pool: str) -> None:
+def test_async_tasks_overlap(fleet: PoolFleet, pool: str) -> None:
+    """``async def`` tasks run in native threads (one loop each) while their greenlets wait,
+    so they overlap too. Results, limits and the shutdown deadline of both pools are in
+    the pool contract (``test_pool_contract.py``)."""
     fleet.start(pool, "-c", "20")
-    proj = fleet.module
-    soft = proj.soft.apply_async((10,), soft_time_limit=0.3)
-    hard = proj.hard.apply_async((10,), time_limit=0.5)
-    ahard = proj.ahard.apply_async((10,), time_limit=0.5)
-    asoft = proj.asoft.apply_async((10,), soft_time_limit=0.3)
-    who = proj.whoami.delay()
-    naps = [proj.anap.delay(n, 0.3) for n in range(10)]
-    assert proj.add.delay(2, 3).get(timeout=20) == 5
-    assert proj.aadd.delay(2, 3).get(timeout=20) == 5
-    assert who.get(timeout=20) == who.id
-    assert soft.get(timeout=20) == "soft"  # raised inside the task, which caught it
-    with pytest.raises(TimeLimitExceeded):
-        hard.get(timeout=20)
-    assert hard.state == states.FAILURE
-    with pytest.raises(TimeLimitExceeded):
-        ahard.get(timeout=20)
-    # An async task here runs in a native thread: at the soft limit the greenlet that
-    # waits for it passes SoftTimeLimitExceeded on to the coroutine, which caught it.
-    assert asoft.get(timeout=20) == "soft"
+    naps = [fleet.module.anap.delay(n, 0.3) for n in range(10)]
     assert sorted(r.get(timeout=20) for r in naps) == list(range(10))
     assert max_overlap(fleet.lines()) >= 5
-
-
-@pytest.mark.parametrize("pool", GREEN_POOLS)
-def test_shutdown_asks_running_tasks_to_abort(fleet: PoolFleet, pool: str) -> None:
-    proc = fleet.start(pool, "-c", "10", "--soft-shutdown-timeout", "0.5")
-    result = fleet.module.wait_abort.delay(30)
-    wait_until(lambda: any(line.startswith("started") for line in fleet.lines()), 20,
-               "the task to start")
-    proc.terminate()
-    assert proc.wait(30) == 0, fleet.log_text()
-    assert "aborted shutdown" in fleet.lines()
-    assert result.get(timeout=10) == "shutdown"
 
 
 @pytest.mark.parametrize("pool", GREEN_POOLS)
