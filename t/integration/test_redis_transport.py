@@ -148,24 +148,31 @@ def test_batched_acks_go_with_the_next_claim_or_on_their_own(broker: Broker) -> 
     [fifth] = receive(consumer, 1)
     assert held_in_redis() == {str(first[3].delivery_tag), str(fifth.delivery_tag)}
     assert broker.raw.zcard(index) == 2
-    # A poll that claims nothing sends them too (prefetch full: no claim).
-    consumer.set_prefetch(1)
     consumer.ack_many([first[3], fifth])
-    assert consumer.poll(0.05) == [] and held_in_redis() == set()
-    # ...as do maintain() and close().
-    consumer.set_prefetch(0)
-    for n in range(2):
-        consumer.publish(envelope(n), exchange="", routing_key=q)
-    pair = receive(consumer, 2)
-    consumer.ack_many(pair)
-    consumer.maintain()
-    assert held_in_redis() == set() and broker.raw.zcard(index) == 0
-    for n in range(2):
-        consumer.publish(envelope(n), exchange="", routing_key=q)
-    pair = receive(consumer, 2)
-    consumer.ack_many(pair)
-    consumer.close()
-    assert held_in_redis() == set() and broker.raw.zcard(index) == 0
+    assert consumer.poll(0.05) == []  # an empty claim carries them
+    assert held_in_redis() == set()
+
+    # Or they go on their own: from a poll that cannot claim (prefetch full), from
+    # maintain() and from close().
+    def ack_two_then(settle: Callable[[], Any], keep: int = 0) -> None:
+        for n in range(2 + keep):
+            consumer.publish(envelope(n), exchange="", routing_key=q)
+        got = receive(consumer, 2 + keep)
+        consumer.ack_many(got[:2])
+        settle()
+        assert held_in_redis() == {str(m.delivery_tag) for m in got[2:]}
+        assert broker.raw.zcard(index) == keep
+        for message in got[2:]:
+            message.ack()
+
+    def poll_when_full() -> None:
+        consumer.set_prefetch(1)  # one message still held: no room, no claim
+        assert consumer.poll(0.05) == []
+        consumer.set_prefetch(0)
+
+    ack_two_then(poll_when_full, keep=1)
+    ack_two_then(consumer.maintain)
+    ack_two_then(consumer.close)
     assert broker.raw.llen(broker.prefix + q) == 0  # acked, not given back
 
 
