@@ -4,12 +4,16 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-unit lint typecheck bench docs clean
+.PHONY: demo test test-unit test-latest lint typecheck bench docs lock clean
 
-$(STAMP): pyproject.toml
+# CI and `make test` install the versions pinned in constraints.txt (written by `make lock`);
+# pyproject.toml keeps open ranges for users. `make test-latest` tries the newest releases.
+CONSTRAINTS ?= -c constraints.txt
+
+$(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -e '.[dev,interop]'
+	$(BIN)/pip install -q $(CONSTRAINTS) --upgrade pip
+	$(BIN)/pip install -q $(CONSTRAINTS) -e '.[dev,interop]'
 	touch $(STAMP)
 
 ## Run the demo on the embedded SQLite default: a worker in the background, three tasks.
@@ -24,10 +28,22 @@ test-unit: $(STAMP)
 	$(BIN)/python -m pytest t/unit
 
 lint: $(STAMP)
-	$(BIN)/ruff check taskframe transport backends t examples
+	$(BIN)/ruff check taskframe transport backends t examples tools
 
 typecheck: $(STAMP)
-	tools/typecheck.sh
+	MYPY=$(abspath $(BIN))/mypy tools/typecheck.sh
+
+## Re-resolve constraints.txt to the newest releases that pyproject.toml allows.
+lock: $(STAMP)
+	$(BIN)/pip-compile -q --upgrade --strip-extras --allow-unsafe --extra dev --extra interop \
+		--no-emit-index-url --no-emit-find-links -o constraints.txt pyproject.toml
+
+## The tests and the type check against the newest releases, in a venv of their own (.venv-latest).
+test-latest:
+	$(MAKE) VENV=.venv-latest CONSTRAINTS= STAMP=.venv-latest/.installed-latest \
+		.venv-latest/.installed-latest
+	.venv-latest/bin/pip install -q --upgrade --upgrade-strategy eager -e '.[dev,interop]'
+	$(MAKE) VENV=.venv-latest CONSTRAINTS= STAMP=.venv-latest/.installed-latest test typecheck
 
 ## taskframe's worker vs Celery's on RabbitMQ and Redis; `make bench BENCH_ARGS=--quick` for a check.
 bench: $(STAMP)
@@ -37,4 +53,4 @@ docs: $(STAMP)
 	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict
 
 clean:
-	rm -rf build site .pytest_cache .mypy_cache .ruff_cache examples/demo/taskframe.sqlite3*
+	rm -rf build site .venv-latest .pytest_cache .mypy_cache .ruff_cache examples/demo/taskframe.sqlite3*

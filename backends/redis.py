@@ -377,7 +377,7 @@ class RedisBackend(Backend):
                     self._pid = os.getpid()
                 sub = self._idle.pop() if self._idle else None
             if sub is None:
-                fresh: redis.client.PubSub = self._client.pubsub()  # type: ignore[no-untyped-call]
+                fresh: redis.client.PubSub = self._client.pubsub()
                 return fresh
             if not sub.subscribed:
                 return sub

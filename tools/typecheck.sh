@@ -11,4 +11,4 @@ for f in taskframe/*; do ln -s "$PWD/$f" "$tree/taskframe/$(basename "$f")"; don
 ln -s "$PWD/transport" "$tree/taskframe/transport"
 ln -s "$PWD/backends" "$tree/taskframe/backends"
 cd "$tree"
-exec "${MYPY:-../../.venv/bin/mypy}" --config-file ../../pyproject.toml -p taskframe "$@"
+exec "${MYPY:-$OLDPWD/.venv/bin/mypy}" --config-file ../../pyproject.toml -p taskframe "$@"

@@ -28,7 +28,7 @@ class FanoutSubscriber:
     """The PSUBSCRIBE connection of one transport and the queues each pattern feeds."""
 
     def __init__(self, client: redis.Redis) -> None:
-        self._pubsub: redis.client.PubSub = client.pubsub(  # type: ignore[no-untyped-call]
+        self._pubsub: redis.client.PubSub = client.pubsub(
             ignore_subscribe_messages=True)
         self._queues: dict[str, list[str]] = {}  # pattern -> queue names
 

@@ -290,13 +290,13 @@ def build_client(url: str, options: Mapping[str, Any]) -> tuple[redis.Redis, int
         master = options.get("master_name") or parsed.query.get("master_name")
         if not master:
             raise ImproperlyConfigured("sentinel:// URLs need the transport option master_name")
-        sentinel = redis.sentinel.Sentinel(  # type: ignore[no-untyped-call]
+        sentinel = redis.sentinel.Sentinel(
             [(parsed.host or "127.0.0.1", parsed.port or 26379)],
             sentinel_kwargs=dict(options.get("sentinel_kwargs") or {}),
             socket_timeout=common["socket_timeout"],
             socket_connect_timeout=common["socket_connect_timeout"],
         )
-        master_client = sentinel.master_for(  # type: ignore[no-untyped-call]
+        master_client = sentinel.master_for(
             str(master), redis_class=redis.Redis, **common)
         return master_client, db
     if scheme == "redis+socket":
