@@ -37,6 +37,9 @@ typecheck: $(STAMP)
 lock: $(STAMP)
 	$(BIN)/pip-compile -q --upgrade --strip-extras --allow-unsafe --extra dev --extra interop \
 		--no-emit-index-url --no-emit-find-links -o constraints.txt pyproject.toml
+	# the dev extra names taskframe itself: pip-compile pins it to this folder; a constraint
+	# must not (pip would look for that file in every other clone).
+	sed -i '/^taskframe @ /{N;d}' constraints.txt
 
 ## The tests and the type check against the newest releases, in a venv of their own (.venv-latest).
 test-latest:
