@@ -27,8 +27,10 @@ test: $(STAMP)
 test-unit: $(STAMP)
 	$(BIN)/python -m pytest t/unit
 
+## ruff, and the import-linter contracts of setup.cfg (the layers; tools/lint-imports.sh).
 lint: $(STAMP)
 	$(BIN)/ruff check taskframe transport backends t examples tools
+	LINT_IMPORTS=$(abspath $(BIN))/lint-imports tools/lint-imports.sh
 
 typecheck: $(STAMP)
 	MYPY=$(abspath $(BIN))/mypy tools/typecheck.sh

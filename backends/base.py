@@ -36,7 +36,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from taskframe.protocol import states
+from taskframe import states
 from taskframe.protocol.results import ResultContext, ResultMeta
 
 if TYPE_CHECKING:

@@ -46,11 +46,11 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine, Row
 from sqlalchemy.pool import NullPool
 
+from taskframe import states
 from taskframe.backends import _sql
 from taskframe.backends._codec import ResultCodec
 from taskframe.backends.base import Backend, BackendOptions
 from taskframe.errors import BackendError, ContentDisallowed, DecodeError
-from taskframe.protocol import states
 from taskframe.protocol.results import ResultContext, ResultMeta, make_meta
 
 __all__ = ["DatabaseBackend"]

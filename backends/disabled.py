@@ -13,9 +13,9 @@ from __future__ import annotations
 
 from typing import Any, NoReturn
 
+from taskframe import states
 from taskframe.backends.base import Backend, BackendOptions
 from taskframe.errors import BackendNotConfigured, TaskRevokedError
-from taskframe.protocol import states
 from taskframe.protocol.results import ResultContext, ResultMeta, make_meta
 
 __all__ = ["DisabledBackend"]

@@ -52,10 +52,10 @@ from google.auth import exceptions as auth_exc
 from google.cloud import storage  # type: ignore[import-untyped]
 from google.cloud.storage.retry import DEFAULT_RETRY  # type: ignore[import-untyped]
 
+from taskframe import states
 from taskframe.backends._codec import ResultCodec
 from taskframe.backends.base import Backend, BackendOptions
 from taskframe.errors import BackendError, DecodeError, ImproperlyConfigured
-from taskframe.protocol import states
 from taskframe.protocol.results import ResultContext, ResultMeta, make_meta
 
 __all__ = ["GCSBackend"]

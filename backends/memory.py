@@ -21,9 +21,9 @@ from collections.abc import Iterable
 from datetime import UTC, datetime, timedelta
 from typing import Any, ClassVar
 
+from taskframe import states
 from taskframe.backends.base import Backend, BackendOptions
 from taskframe.errors import TimeoutError as ResultTimeout
-from taskframe.protocol import states
 from taskframe.protocol.results import ResultContext, ResultMeta, make_meta
 
 __all__ = ["MemoryBackend"]

@@ -53,11 +53,11 @@ import redis
 import redis.client
 import redis.exceptions
 
+from taskframe import states
 from taskframe.backends._codec import ResultCodec
 from taskframe.backends.base import Backend, BackendOptions
 from taskframe.errors import BackendError, DecodeError, ImproperlyConfigured
 from taskframe.errors import TimeoutError as ResultTimeout
-from taskframe.protocol import states
 from taskframe.protocol.results import ResultContext, ResultMeta, make_meta
 from taskframe.transport import errors as transport_errors
 from taskframe.transport.redis_layout import build_client

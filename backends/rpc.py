@@ -46,11 +46,11 @@ from collections import OrderedDict
 from collections.abc import Iterable
 from typing import Any, ClassVar, NoReturn
 
+from taskframe import states
 from taskframe.backends._codec import ResultCodec
 from taskframe.backends.base import Backend, BackendOptions
 from taskframe.errors import BackendError, ImproperlyConfigured
 from taskframe.errors import TimeoutError as ResultTimeout
-from taskframe.protocol import states
 from taskframe.protocol.results import ResultContext, ResultMeta, make_meta
 from taskframe.transport import errors as transport_errors
 from taskframe.transport.base import Envelope, Message

@@ -9,12 +9,16 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
+from taskframe import current as _current
+
 __version__ = "0.1.0"
 
 if TYPE_CHECKING:
-    from taskframe.app import Celery, Taskframe, current_app, shared_task
     from taskframe.canvas import Signature, chain, chord, chunks, group, signature, xmap, xstarmap
+    from taskframe.client.app import Celery, Taskframe, shared_task
+    from taskframe.client.task import Task
     from taskframe.context import Context
+    from taskframe.current import current_app
     from taskframe.errors import (
         Ignore,
         MaxRetriesExceededError,
@@ -28,28 +32,26 @@ if TYPE_CHECKING:
         WorkerLostError,
     )
     from taskframe.log import get_task_logger
-    from taskframe.result import AsyncResult, EagerResult
-    from taskframe.result_group import GroupResult, ResultSet
-    from taskframe.task import Task
+    from taskframe.result import AsyncResult, EagerResult, GroupResult, ResultSet
     from taskframe.worker.worker import Worker
 
 _EXPORTS = {
     "AsyncResult": "taskframe.result",
-    "Celery": "taskframe.app",
+    "Celery": "taskframe.client.app",
     "Context": "taskframe.context",
     "EagerResult": "taskframe.result",
-    "GroupResult": "taskframe.result_group",
+    "GroupResult": "taskframe.result",
     "Ignore": "taskframe.errors",
     "MaxRetriesExceededError": "taskframe.errors",
     "NotRegistered": "taskframe.errors",
     "Reject": "taskframe.errors",
-    "ResultSet": "taskframe.result_group",
+    "ResultSet": "taskframe.result",
     "Retry": "taskframe.errors",
     "Signature": "taskframe.canvas",
     "SoftTimeLimitExceeded": "taskframe.errors",
-    "Task": "taskframe.task",
+    "Task": "taskframe.client.task",
     "TaskRevokedError": "taskframe.errors",
-    "Taskframe": "taskframe.app",
+    "Taskframe": "taskframe.client.app",
     "TaskframeError": "taskframe.errors",
     "TimeLimitExceeded": "taskframe.errors",
     "Worker": "taskframe.worker.worker",
@@ -57,10 +59,10 @@ _EXPORTS = {
     "chain": "taskframe.canvas",
     "chord": "taskframe.canvas",
     "chunks": "taskframe.canvas",
-    "current_app": "taskframe.app",
+    "current_app": "taskframe.current",
     "get_task_logger": "taskframe.log",
     "group": "taskframe.canvas",
-    "shared_task": "taskframe.app",
+    "shared_task": "taskframe.client.app",
     "signature": "taskframe.canvas",
     "xmap": "taskframe.canvas",
     "xstarmap": "taskframe.canvas",
@@ -99,6 +101,16 @@ __all__ = [
     "xmap",
     "xstarmap",
 ]
+
+
+def _default_app() -> Taskframe:
+    app: Taskframe = importlib.import_module("taskframe.client.app").Taskframe("default")
+    return app
+
+
+# The root package sits above every layer: it tells the core how to make the default app
+# that ``current_app()`` returns when a program created none (as Celery does).
+_current.set_default_app_factory(_default_app)
 
 
 def __getattr__(name: str) -> Any:

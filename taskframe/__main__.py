@@ -1,5 +1,5 @@
 """``python -m taskframe``: the same as the ``taskframe`` command."""
 
-from taskframe.bootstrap import main
+from taskframe.cli.bootstrap import main
 
 main()

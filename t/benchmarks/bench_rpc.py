@@ -19,8 +19,9 @@ import redis
 from celery import Celery
 from celery.app.task import Context as CeleryContext
 
+from taskframe import states
 from taskframe.backends import BackendOptions, create_backend
-from taskframe.protocol import ResultContext, states
+from taskframe.protocol import ResultContext
 from taskframe.transport import Connection
 
 BROKERS = {"amqp": "amqp://guest:guest@127.0.0.1:5672//", "redis": "redis://127.0.0.1:6379/13"}

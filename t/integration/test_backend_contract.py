@@ -20,11 +20,12 @@ import pytest
 import services
 import sqlalchemy as sa
 
+from taskframe import states
 from taskframe.backends import Backend, BackendOptions, create_backend
 from taskframe.backends.database import DatabaseBackend
 from taskframe.errors import ContentDisallowed, TaskRevokedError
 from taskframe.errors import TimeoutError as ResultTimeout
-from taskframe.protocol import ResultContext, decode_result, group_tuple, result_tuple, states
+from taskframe.protocol import ResultContext, decode_result, group_tuple, result_tuple
 
 Factory = Callable[..., Backend]
 DATABASES = ["sqlite", "postgres", "mysql"]

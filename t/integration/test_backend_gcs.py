@@ -13,10 +13,11 @@ import pytest
 from google.api_core import exceptions as gexc
 from google.cloud import storage  # type: ignore[attr-defined]
 
+from taskframe import states
 from taskframe.backends import BackendOptions, create_backend
 from taskframe.backends.gcs import GCSBackend
 from taskframe.errors import ImproperlyConfigured
-from taskframe.protocol import decode_result, group_tuple, result_tuple, states
+from taskframe.protocol import decode_result, group_tuple, result_tuple
 
 
 @pytest.fixture

@@ -14,11 +14,12 @@ import pytest
 import redis
 import services
 
+from taskframe import states
 from taskframe.backends import BackendOptions, create_backend
 from taskframe.backends.redis import RedisBackend
 from taskframe.errors import BackendError, ImproperlyConfigured
 from taskframe.errors import TimeoutError as ResultTimeout
-from taskframe.protocol import group_tuple, result_tuple, states
+from taskframe.protocol import group_tuple, result_tuple
 
 pytestmark = pytest.mark.redis
 DB = 11

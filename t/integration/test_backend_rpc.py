@@ -15,11 +15,11 @@ import pytest
 import services
 from celery.app.task import Context as CeleryContext
 
-from taskframe import ResultSet, Taskframe, Worker
+from taskframe import ResultSet, Taskframe, Worker, states
 from taskframe.backends import BackendOptions, create_backend
 from taskframe.backends.rpc import RPCBackend
 from taskframe.errors import ImproperlyConfigured
-from taskframe.protocol import ResultContext, states
+from taskframe.protocol import ResultContext
 from taskframe.transport import Connection
 
 DB = 10

@@ -1,7 +1,8 @@
 """Chord counters are deleted once the body is sent, on every backend with a counter.
 
 ``Backend.delete_counter`` on SQLite, PostgreSQL, MariaDB, Redis and the GCS emulator,
-and the last part of a chord on the counter path (``taskframe.chord``) leaving neither
+and the last part of a chord on the counter path (``taskframe.canvas.chord_completion``)
+leaving neither
 its counter, its fire claim nor its saved header behind. (Redis chords use Celery's own
 keys instead: t/integration/test_canvas_workers.py checks those are deleted.)
 """
@@ -18,13 +19,13 @@ import pytest
 import services
 import sqlalchemy as sa
 
-from taskframe import Taskframe, signals
+from taskframe import Taskframe, signals, states
 from taskframe.backends import Backend, BackendOptions, create_backend
 from taskframe.backends.database import DatabaseBackend
-from taskframe.chord import on_chord_part_return
-from taskframe.chord_counter import counter_key
+from taskframe.canvas.chord_completion import on_chord_part_return
+from taskframe.canvas.counter import counter_key
 from taskframe.context import Context
-from taskframe.protocol import group_tuple, result_tuple, states
+from taskframe.protocol import group_tuple, result_tuple
 
 KINDS = ["sqlite", "postgres", "mysql", "redis", "gcs"]
 

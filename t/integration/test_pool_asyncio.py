@@ -18,14 +18,13 @@ sys.path.insert(0, str(Path(__file__).parent / "poolproj"))
 from poolfleet import PoolFleet, max_overlap
 from workers import wait_until
 
-from taskframe import SoftTimeLimitExceeded, Task, Taskframe
+from taskframe import SoftTimeLimitExceeded, Task, Taskframe, states
 from taskframe.context import Context
 from taskframe.errors import TimeLimitExceeded
+from taskframe.execution.outcome import Outcome
 from taskframe.pools._executor import DaemonThreadPoolExecutor
 from taskframe.pools.asyncio import AsyncioPool
 from taskframe.pools.base import TaskJob
-from taskframe.protocol import states
-from taskframe.worker.trace import Outcome
 
 HAS_UVLOOP = importlib.util.find_spec("uvloop") is not None
 

@@ -22,9 +22,9 @@ sys.path.insert(0, str(Path(__file__).parent / "poolproj"))
 from poolfleet import PoolFleet
 from workers import wait_until
 
+from taskframe import states
 from taskframe.errors import SoftTimeLimitExceeded, TimeLimitExceeded
 from taskframe.pools import POOLS
-from taskframe.protocol import states
 
 
 def _pool_facts() -> dict[str, dict[str, object]]:

@@ -18,7 +18,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parent / "poolproj"))
 from poolfleet import PROJ_DIR, PoolFleet, max_overlap
 
-from taskframe.protocol import states
+from taskframe import states
 
 GREEN_POOLS = [
     pytest.param(name, marks=pytest.mark.skipif(importlib.util.find_spec(name) is None,

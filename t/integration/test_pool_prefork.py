@@ -20,12 +20,11 @@ from typing import Any
 import pytest
 from workers import ProjectImport, WorkerProcs, read_lines, wait_until
 
-from taskframe import Taskframe, signals
+from taskframe import Taskframe, signals, states
 from taskframe.context import Context
 from taskframe.errors import TimeLimitExceeded, WorkerLostError
+from taskframe.execution.outcome import Outcome
 from taskframe.pools import PreforkPool, TaskJob, get_pool_class
-from taskframe.protocol import states
-from taskframe.worker.trace import Outcome
 
 PROJ_DIR = Path(__file__).parent / "preforkproj"
 

@@ -15,7 +15,7 @@ import pytest
 from services import redis_delete_prefix, redis_url
 from workers import ProjectImport, WorkerProcs, wait_until
 
-from taskframe.protocol import states
+from taskframe import states
 
 PROJ_DIR = Path(__file__).parent / "preforkproj"
 

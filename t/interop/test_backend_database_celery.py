@@ -9,9 +9,10 @@ import celery
 import pytest
 from celery.app.task import Context
 
+from taskframe import states
 from taskframe.backends import BackendOptions, create_backend
 from taskframe.backends.base import Backend
-from taskframe.protocol import ResultContext, decode_result, group_tuple, result_tuple, states
+from taskframe.protocol import ResultContext, decode_result, group_tuple, result_tuple
 
 pytestmark = pytest.mark.interop
 

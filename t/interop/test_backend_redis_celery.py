@@ -13,9 +13,10 @@ import pytest
 import redis
 import services
 
+from taskframe import states
 from taskframe.backends import BackendOptions, create_backend
 from taskframe.backends.base import Backend
-from taskframe.protocol import decode_result, group_tuple, result_tuple, states
+from taskframe.protocol import decode_result, group_tuple, result_tuple
 
 pytestmark = [pytest.mark.interop, pytest.mark.redis]
 DB = 11

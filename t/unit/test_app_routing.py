@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+from taskframe.client.router import Router
 from taskframe.config import Settings
-from taskframe.routing import Router
 from taskframe.transport import Exchange, Queue
 
 

@@ -1,6 +1,6 @@
 """``async def`` tasks outside the asyncio pool: eager calls, solo and threads workers.
 
-Each run gets an event loop of its own (``taskframe.worker.coroutines.run_coroutine``).
+Each run gets an event loop of its own (``taskframe.execution.coroutines.run_coroutine``).
 The asyncio pool and the greenlet pools have their own tests in t/integration.
 """
 
@@ -17,10 +17,9 @@ from typing import Any
 
 import pytest
 
-from taskframe import SoftTimeLimitExceeded, Task, Taskframe
+from taskframe import SoftTimeLimitExceeded, Task, Taskframe, states
 from taskframe.errors import TimeLimitExceeded
-from taskframe.protocol import states
-from taskframe.worker.coroutines import TIME_LIMIT, BodyRun, is_async_task, run_coroutine
+from taskframe.execution.coroutines import TIME_LIMIT, BodyRun, is_async_task, run_coroutine
 from taskframe.worker.worker import Worker
 
 

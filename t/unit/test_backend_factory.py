@@ -6,12 +6,12 @@ from pathlib import Path
 
 import pytest
 
+from taskframe import states
 from taskframe.backends import BackendOptions, create_backend, scheme_of
 from taskframe.backends.database import DatabaseBackend
 from taskframe.backends.disabled import DisabledBackend
 from taskframe.backends.memory import MemoryBackend
 from taskframe.errors import BackendNotConfigured, ImproperlyConfigured
-from taskframe.protocol import states
 
 
 @pytest.mark.parametrize(

@@ -1,4 +1,4 @@
-"""``taskframe.bootstrap``: the pool is read from the raw command line, before any import."""
+"""``taskframe.cli.bootstrap``: the pool is read from the raw command line, before any import."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from taskframe.bootstrap import pool_from_argv
+from taskframe.cli.bootstrap import pool_from_argv
 
 
 @pytest.mark.parametrize(("argv", "pool"), [
@@ -27,7 +27,7 @@ def test_pool_from_argv(argv: list[str], pool: str | None) -> None:
 
 def test_the_command_imports_no_greenlet_library_unless_asked() -> None:
     code = ("import sys\nsys.argv = ['taskframe', '--version']\n"
-            "from taskframe.bootstrap import main\n"
+            "from taskframe.cli.bootstrap import main\n"
             "try:\n    main()\nexcept SystemExit:\n    pass\n"
             "print('gevent' in sys.modules, 'eventlet' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,

@@ -11,12 +11,11 @@ from typing import Any
 
 import pytest
 
-from taskframe import Task, Taskframe
+from taskframe import Task, Taskframe, states
 from taskframe.backends.memory import MemoryBackend
 from taskframe.canvas import chord, group
 from taskframe.context import Context, current_request
 from taskframe.errors import ChordError
-from taskframe.protocol import states
 from taskframe.worker.worker import Worker
 
 T = 10  # seconds any one result may take
@@ -214,8 +213,8 @@ def test_a_late_part_that_read_the_header_before_the_winner_deleted_it_fires_not
     """Case (c) of ``taskframe.chord_counter.forget``, interleaved by hand: a late copy
     reads the header, then the winner fires and cleans up, then the copy takes the claim."""
     from taskframe import signals
-    from taskframe.chord import on_chord_part_return
-    from taskframe.chord_counter import counter_key
+    from taskframe.canvas.chord_completion import on_chord_part_return
+    from taskframe.canvas.counter import counter_key
     from taskframe.protocol.results import group_tuple, result_tuple
 
     class Interleaved(MemoryBackend):

@@ -9,12 +9,11 @@ from typing import Any, ClassVar
 
 import pytest
 
-from taskframe import Task, Taskframe
+from taskframe import Task, Taskframe, states
 from taskframe.backends.memory import MemoryBackend
 from taskframe.canvas import chain, chord, group
 from taskframe.context import Context
 from taskframe.errors import ChordError
-from taskframe.protocol import states
 from taskframe.worker.worker import Worker
 
 T = 10  # seconds any one result may take

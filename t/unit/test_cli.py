@@ -11,7 +11,7 @@ import pytest
 from click.testing import CliRunner
 
 import taskframe
-from taskframe.cli import EX_USAGE, find_app, main
+from taskframe.cli.main import EX_USAGE, find_app, main
 from taskframe.errors import ImproperlyConfigured
 from taskframe.log import setup_logging
 

@@ -1,4 +1,4 @@
-"""Remote-control handlers (``taskframe.control.panel``) on a recording ``WorkerState``."""
+"""Remote-control handlers (``control_server.handlers``) on a recording ``WorkerState``."""
 
 from __future__ import annotations
 
@@ -9,12 +9,11 @@ from typing import Any
 
 import pytest
 
-from taskframe import Taskframe
+from taskframe import Taskframe, states
 from taskframe.control.mailbox import LamportClock
-from taskframe.control.panel import HANDLERS, NO_REPLY, dispatch, signal_number
 from taskframe.control.revoked import RevokedSet
-from taskframe.control.state import RequestView, WorkerState
-from taskframe.protocol import states
+from taskframe.control_server.contract import RequestView, WorkerState
+from taskframe.control_server.handlers import HANDLERS, NO_REPLY, dispatch, signal_number
 from taskframe.transport import Queue
 
 
@@ -302,7 +301,7 @@ class NamedState(RecordingState):
 
 @pytest.fixture
 def nodes(app: Taskframe) -> Iterator[list[NamedState]]:
-    from taskframe.control.node import ControlNode
+    from taskframe.control_server.node import ControlNode
 
     states = [NamedState(app, "a1@example"), NamedState(app, "b1@example")]
     started = [ControlNode(app, s) for s in states]

@@ -102,7 +102,7 @@ def test_lamport_clock() -> None:
 
 
 def test_worker_start_loads_the_statedb_and_the_store(tmp_path: Path) -> None:
-    from taskframe.control.worker_state import load_revoked
+    from taskframe.control_server.worker_adapter import load_revoked
 
     path = tmp_path / "w.state"
     StateDB(str(path)).save({"from-file": time.time() + 60})

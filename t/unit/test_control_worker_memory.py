@@ -13,9 +13,8 @@ from typing import Any
 import pytest
 from workers import InlineWorkers
 
-from taskframe import GroupResult, Task, Taskframe
+from taskframe import GroupResult, Task, Taskframe, states
 from taskframe.control.revoked import StateDB, store_for
-from taskframe.protocol import states
 from taskframe.worker.worker import Worker
 
 NODE = "mem@example"
@@ -155,7 +154,7 @@ def test_pool_resize_and_rate_limit(app: Taskframe, run_worker: Any) -> None:
 def test_cli_commands(app: Taskframe, run_worker: Any) -> None:
     from click.testing import CliRunner
 
-    from taskframe.cli import main
+    from taskframe.cli.main import main
 
     @app.task(name="cwm.mul")
     def mul(x: int, y: int) -> int:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from click.testing import CliRunner
 
-from taskframe.cli import main
+from taskframe.cli.main import main
 from taskframe.events import (
     TASK_EVENT_STATES,
     EventDispatcher,

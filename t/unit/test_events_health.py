@@ -10,7 +10,7 @@ from pathlib import Path
 
 from workers import wait_until
 
-from taskframe.events import HealthMonitor
+from taskframe.worker.health import HealthMonitor
 
 
 class Loop:

@@ -11,7 +11,7 @@ import pytest
 
 import taskframe.backends
 import taskframe.protocol
-from taskframe import errors
+from taskframe import errors, states
 from taskframe.protocol import (
     ResultContext,
     decode_exception,
@@ -20,7 +20,6 @@ from taskframe.protocol import (
     group_tuple,
     make_meta,
     result_tuple,
-    states,
 )
 
 

@@ -31,6 +31,6 @@ def test_celery_is_an_alias() -> None:
 
 def test_importing_transport_does_not_import_the_app() -> None:
     code = ("import sys, taskframe.transport; "
-            "print('taskframe.app' in sys.modules, 'taskframe.worker' in sys.modules)")
+            "print('taskframe.client.app' in sys.modules, 'taskframe.worker' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.split() == ["False", "False"]

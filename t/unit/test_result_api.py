@@ -12,13 +12,13 @@ from typing import Any
 import pytest
 
 import taskframe.result
-from taskframe import GroupResult, ResultSet, Taskframe
+from taskframe import GroupResult, ResultSet, Taskframe, states
 from taskframe.backends.base import BackendOptions
 from taskframe.backends.memory import MemoryBackend
 from taskframe.context import Context, request_context
 from taskframe.errors import IncompleteStream, ResultError
 from taskframe.errors import TimeoutError as ResultTimeout
-from taskframe.protocol import ResultContext, group_tuple, result_tuple, states
+from taskframe.protocol import ResultContext, group_tuple, result_tuple
 from taskframe.protocol.results import ResultMeta
 from taskframe.result import AsyncResult, EagerResult, result_from_tuple
 

@@ -10,9 +10,8 @@ from typing import Any
 
 import pytest
 
-from taskframe import Task, Taskframe
+from taskframe import Task, Taskframe, states
 from taskframe.errors import NotRegistered, TaskRevokedError
-from taskframe.protocol import states
 from taskframe.transport import Envelope
 from taskframe.worker.worker import Worker
 

@@ -18,12 +18,11 @@ import uuid
 from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
-from taskframe.control.mailbox import DEFAULT_TIMEOUT, LamportClock, Mailbox, Reply
-from taskframe.control.node import mailbox_for
+from taskframe.control.mailbox import DEFAULT_TIMEOUT, LamportClock, Mailbox, Reply, mailbox_for
 from taskframe.control.revoked import revoked_ids, store_for
 
 if TYPE_CHECKING:
-    from taskframe.app import Taskframe
+    from taskframe.client.app import Taskframe
     from taskframe.transport import Connection
 
 __all__ = ["Control", "Inspect", "flatten_replies"]

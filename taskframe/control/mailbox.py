@@ -32,9 +32,10 @@ from taskframe.transport.errors import PublishError, TransportError
 from taskframe.transport.serialization import dumps
 
 if TYPE_CHECKING:
+    from taskframe.client.app import Taskframe
     from taskframe.transport import Connection, Transport
 
-__all__ = ["ControlRequest", "LamportClock", "Mailbox", "Reply", "node_matches"]
+__all__ = ["ControlRequest", "LamportClock", "Mailbox", "Reply", "mailbox_for", "node_matches"]
 
 logger = logging.getLogger("taskframe.control.mailbox")
 
@@ -280,3 +281,14 @@ class Mailbox:
             logger.warning("control reply is not an object: %r", body)
             return None
         return body
+
+
+def mailbox_for(app: Taskframe, clock: Any = None) -> Mailbox:
+    """The mailbox the app's settings describe (``control_exchange``, ``control_queue_*``)."""
+    c = app.conf
+    return Mailbox(
+        str(c.control_exchange or "celery"),
+        queue_ttl=c.control_queue_ttl, queue_expires=c.control_queue_expires,
+        serializer=str(c.task_serializer or "json"),
+        accept=tuple(c.accept_content or ("json",)), clock=clock,
+    )

@@ -31,8 +31,8 @@ from collections.abc import Collection, Iterable, Iterator, Mapping
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from taskframe.app import Taskframe
     from taskframe.backends.base import Backend
+    from taskframe.client.app import Taskframe
 
 __all__ = ["REVOKED_KEY", "RevokeStore", "RevokedSet", "StateDB", "revoked_ids", "store_for"]
 

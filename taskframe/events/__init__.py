@@ -6,7 +6,6 @@
   Celery workers alike.
 * ``WorkerEvents`` is what a worker sends: ``worker-online/heartbeat/offline`` and,
   with ``-E``, the ``task-*`` events, hooked to ``taskframe.signals``.
-* ``HealthMonitor`` is the worker's liveness file / HTTP port.
 """
 
 from __future__ import annotations
@@ -20,10 +19,9 @@ from taskframe.events.event import (
     make_event,
     routing_key_for,
 )
-from taskframe.events.health import HealthMonitor
 from taskframe.events.monitor import EventFormatter
-from taskframe.events.node import WorkerEvents
 from taskframe.events.receiver import EventReceiver
+from taskframe.events.worker_events import WorkerEvents
 
 __all__ = [
     "EVENT_EXCHANGE",
@@ -31,7 +29,6 @@ __all__ = [
     "EventDispatcher",
     "EventFormatter",
     "EventReceiver",
-    "HealthMonitor",
     "LamportClock",
     "WorkerEvents",
     "event_exchange",

@@ -47,7 +47,7 @@ from taskframe.transport.errors import (
 from taskframe.transport.serialization import dumps
 
 if TYPE_CHECKING:
-    from taskframe.app import Taskframe
+    from taskframe.client.app import Taskframe
 
 __all__ = ["EventDispatcher", "events_supported"]
 

@@ -33,7 +33,7 @@ from taskframe.transport import Connection, Exchange, Message, Queue
 from taskframe.transport.errors import SerializationError, TransportError
 
 if TYPE_CHECKING:
-    from taskframe.app import Taskframe
+    from taskframe.client.app import Taskframe
 
 __all__ = ["EventReceiver", "Handler"]
 

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 from taskframe.events.dispatcher import EventDispatcher, events_supported
 
 if TYPE_CHECKING:
-    from taskframe.app import Taskframe
+    from taskframe.client.app import Taskframe
 
 __all__ = ["close_sent_dispatcher", "send_task_sent"]
 

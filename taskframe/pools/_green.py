@@ -29,8 +29,8 @@ from taskframe.pools._limits import (
 from taskframe.pools.base import Pool, TaskJob, internal_failure
 
 if TYPE_CHECKING:
-    from taskframe.app import Taskframe
-    from taskframe.worker.trace import Outcome
+    from taskframe.client.app import Taskframe
+    from taskframe.execution.outcome import Outcome
 
 __all__ = ["GreenletPool"]
 
@@ -131,7 +131,7 @@ class GreenletPool(Pool):
             self._greenlets.pop(job, None)
 
     def _run_limited(self, job: TaskJob) -> Outcome:
-        from taskframe.worker.trace import execute
+        from taskframe.execution.executor import execute
 
         timers: list[_Timer] = []
         self._in_body.add(job)

@@ -11,12 +11,12 @@ import logging
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
+from taskframe import states
 from taskframe.errors import Reject, TaskRevokedError, TimeLimitExceeded
-from taskframe.protocol import states
 
 if TYPE_CHECKING:
+    from taskframe.execution.outcome import Outcome
     from taskframe.pools.base import TaskJob
-    from taskframe.worker.trace import Outcome
 
 __all__ = ["HardTimeLimit", "Terminated", "shutdown_outcome", "terminated_outcome",
            "time_limit_outcome"]
@@ -34,7 +34,7 @@ class Terminated(BaseException):
 
 def time_limit_outcome(job: TaskJob) -> Outcome:
     """The job hit its hard time limit: FAILURE with ``TimeLimitExceeded``, stored."""
-    from taskframe.worker.trace import Outcome
+    from taskframe.execution.outcome import Outcome
 
     exc = TimeLimitExceeded(job.time_limit)
     logger.error("Task %s[%s] hard time limit (%ss) exceeded: stopped", job.task.name, job.id,
@@ -46,7 +46,7 @@ def time_limit_outcome(job: TaskJob) -> Outcome:
 
 def terminated_outcome(job: TaskJob) -> Outcome:
     """The job was terminated (``revoke(terminate=True)``): REVOKED, stored."""
-    from taskframe.worker.trace import Outcome
+    from taskframe.execution.outcome import Outcome
 
     logger.info("Task %s[%s] terminated", job.task.name, job.id)
     if job.store:
@@ -56,7 +56,7 @@ def terminated_outcome(job: TaskJob) -> Outcome:
 
 def shutdown_outcome(job: TaskJob) -> Outcome:
     """The job was cancelled at shutdown before it finished: give its message back."""
-    from taskframe.worker.trace import Outcome
+    from taskframe.execution.outcome import Outcome
 
     logger.warning("Task %s[%s] cancelled at shutdown: not finished", job.task.name, job.id)
     return Outcome(states.REJECTED, Reject("cancelled at shutdown", requeue=True), requeue=True)

@@ -28,16 +28,15 @@ from multiprocessing.connection import Connection
 from types import FrameType
 from typing import TYPE_CHECKING, Any
 
-from taskframe import signals
+from taskframe import signals, states
 from taskframe.context import Context
 from taskframe.errors import NotRegistered, SoftTimeLimitExceeded
+from taskframe.execution.coroutines import deliver_soft_limit
 from taskframe.pools.base import TaskJob, call_hook, internal_failure
-from taskframe.protocol import states
-from taskframe.worker.coroutines import deliver_soft_limit
 
 if TYPE_CHECKING:
-    from taskframe.app import Taskframe
-    from taskframe.worker.trace import Outcome
+    from taskframe.client.app import Taskframe
+    from taskframe.execution.outcome import Outcome
 
 __all__ = ["EX_HOOK_FAILED", "ChildOptions", "JobSpec", "WireOutcome", "child_main",
            "job_spec"]
@@ -162,7 +161,7 @@ class _Runner:
 
     def run(self, spec: JobSpec) -> WireOutcome:
         """Run one job; never raises."""
-        from taskframe.worker.trace import execute
+        from taskframe.execution.executor import execute
 
         ctx = Context(**spec.fields)
         task = self.app.tasks.get(spec.task_name)

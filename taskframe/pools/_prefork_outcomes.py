@@ -12,13 +12,13 @@ import logging
 import signal
 from typing import TYPE_CHECKING, Any
 
+from taskframe import states
 from taskframe.errors import TaskRevokedError, TimeLimitExceeded, WorkerLostError
-from taskframe.protocol import states
 
 if TYPE_CHECKING:
-    from taskframe.app import Taskframe
+    from taskframe.client.app import Taskframe
+    from taskframe.execution.outcome import Outcome
     from taskframe.pools.base import TaskJob
-    from taskframe.worker.trace import Outcome
 
 __all__ = ["human_status", "make_outcome", "signame", "terminated", "timed_out",
            "worker_lost"]
@@ -29,7 +29,7 @@ logger = logging.getLogger("taskframe.pools.prefork")
 def make_outcome(state: str, retval: Any = None, traceback: str | None = None,
                  requeue: bool = False) -> Outcome:
     """An ``Outcome`` (imported late: the trace pulls in the canvas, not needed at startup)."""
-    from taskframe.worker.trace import Outcome
+    from taskframe.execution.outcome import Outcome
 
     return Outcome(state, retval, traceback, requeue)
 
@@ -72,7 +72,7 @@ def terminated(job: TaskJob, app: Taskframe) -> Outcome:
 def _failed(job: TaskJob, app: Taskframe, exc: Exception) -> Outcome:
     # The child never reported: settle it here as the body's own failure would be
     # (stored, on_failure, task_failure, errbacks, the chord's count).
-    from taskframe.worker.trace import fail_outside
+    from taskframe.execution.executor import fail_outside
 
     text = f"{type(exc).__name__}: {exc}"
     return fail_outside(job.task, job.context, exc, store=job.store, traceback=text)

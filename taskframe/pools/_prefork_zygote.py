@@ -42,7 +42,7 @@ from typing import TYPE_CHECKING, Any, NoReturn
 from taskframe.pools._prefork_child import ChildOptions, child_main
 
 if TYPE_CHECKING:
-    from taskframe.app import Taskframe
+    from taskframe.client.app import Taskframe
 
 __all__ = ["Zygote"]
 

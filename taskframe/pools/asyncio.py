@@ -35,14 +35,14 @@ import time
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
+from taskframe.execution.coroutines import TIME_LIMIT, BodyRun, is_async_task
 from taskframe.pools._executor import DaemonThreadPoolExecutor
 from taskframe.pools._limits import shutdown_outcome, terminated_outcome
 from taskframe.pools.base import Pool, TaskJob, internal_failure
-from taskframe.worker.coroutines import TIME_LIMIT, BodyRun, is_async_task
 
 if TYPE_CHECKING:
-    from taskframe.app import Taskframe
-    from taskframe.worker.trace import Outcome
+    from taskframe.client.app import Taskframe
+    from taskframe.execution.outcome import Outcome
 
 __all__ = ["AsyncioPool"]
 
@@ -191,10 +191,10 @@ class AsyncioPool(Pool):
 
     async def _outcome(self, job: TaskJob, body: BodyRun) -> Outcome:
         if is_async_task(job.task):
-            from taskframe.worker.trace_async import execute_async
+            from taskframe.execution.async_executor import execute_async
 
             return await execute_async(job.task, job.context, store=job.store, body=body)
-        from taskframe.worker.trace import execute
+        from taskframe.execution.executor import execute
 
         call = functools.partial(execute, job.task, job.context, store=job.store)
         return await asyncio.get_running_loop().run_in_executor(None, call)

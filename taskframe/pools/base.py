@@ -31,13 +31,13 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from taskframe.protocol import states
+from taskframe import states
 
 if TYPE_CHECKING:
-    from taskframe.app import Taskframe
+    from taskframe.client.app import Taskframe
+    from taskframe.client.task import Task
     from taskframe.context import Context
-    from taskframe.task import Task
-    from taskframe.worker.trace import Outcome
+    from taskframe.execution.outcome import Outcome
 
 __all__ = ["Pool", "TaskJob", "call_hook", "internal_failure", "run_here"]
 
@@ -213,7 +213,7 @@ def call_hook(hook: Callable[[], Any]) -> None:
 
 def internal_failure(job: TaskJob, exc: BaseException) -> Outcome:
     """The outcome when taskframe itself failed around a task (e.g. the result store)."""
-    from taskframe.worker.trace import Outcome
+    from taskframe.execution.outcome import Outcome
 
     logger.error("Task %s[%s] raised an internal error: %r", job.task.name, job.id, exc,
                  exc_info=exc)
@@ -228,7 +228,7 @@ def internal_failure(job: TaskJob, exc: BaseException) -> Outcome:
 
 def run_here(job: TaskJob) -> None:
     """Run ``job`` in the calling thread (in-process pools) and report its outcome."""
-    from taskframe.worker.trace import execute
+    from taskframe.execution.executor import execute
 
     job.accepted()
     try:

@@ -67,7 +67,7 @@ from taskframe.pools._prefork_zygote import Zygote
 from taskframe.pools.base import Pool, TaskJob
 
 if TYPE_CHECKING:
-    from taskframe.app import Taskframe
+    from taskframe.client.app import Taskframe
 
 __all__ = ["PreforkPool"]
 

@@ -14,7 +14,7 @@ from taskframe.errors import PoolError
 from taskframe.pools.threads import ThreadPool
 
 if TYPE_CHECKING:
-    from taskframe.app import Taskframe
+    from taskframe.client.app import Taskframe
 
 __all__ = ["SoloPool"]
 

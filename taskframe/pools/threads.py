@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 from taskframe.pools.base import Pool, TaskJob, run_here
 
 if TYPE_CHECKING:
-    from taskframe.app import Taskframe
+    from taskframe.client.app import Taskframe
 
 __all__ = ["ThreadPool"]
 

@@ -1,13 +1,13 @@
 """The Celery wire format, translated in one place.
 
 ``taskframe.protocol`` is pure data: task messages (``encode_task`` /
-``decode_task``), result metas and exception encoding, and task states. The
-rest of taskframe sees ``TaskMessage`` and ``ResultMeta``, never wire dicts.
+``decode_task``), result metas and exception encoding (task states are the core's
+``taskframe.states``). The rest of taskframe sees ``TaskMessage`` and ``ResultMeta``,
+never wire dicts.
 """
 
 from __future__ import annotations
 
-from taskframe.protocol import states
 from taskframe.protocol.message import TaskMessage
 from taskframe.protocol.results import (
     ResultContext,
@@ -35,5 +35,4 @@ __all__ = [
     "make_meta",
     "result_tuple",
     "safe_repr",
-    "states",
 ]

@@ -27,8 +27,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, TypedDict
 
-from taskframe import errors
-from taskframe.protocol import states
+from taskframe import errors, states
 
 __all__ = [
     "ResultContext",
@@ -116,7 +115,7 @@ def make_meta(
 
     Args:
         task_id: the task's id.
-        state: one of ``taskframe.protocol.states``.
+        state: one of ``taskframe.states``.
         result: the return value, or the exception for RETRY/FAILURE/REVOKED
             (encoded with ``encode_exception``).
         traceback: formatted traceback text, for exception states.

@@ -24,7 +24,7 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from taskframe import signals
+from taskframe import signals, states
 from taskframe.errors import (
     ContentDisallowed,
     DecodeError,
@@ -32,17 +32,17 @@ from taskframe.errors import (
     NotRegistered,
     TransportError,
 )
+from taskframe.execution.outcome import Outcome
 from taskframe.pools.base import TaskJob
-from taskframe.protocol import decode_message, states
+from taskframe.protocol import decode_message
 from taskframe.transport import Connection, Message, Queue
 from taskframe.transport.base import MessageState
 from taskframe.transport.errors import BrokerConnectionError, ConnectionLost
 from taskframe.worker.ratelimit import RateLimits
 from taskframe.worker.request import Request
-from taskframe.worker.trace import Outcome
 
 if TYPE_CHECKING:
-    from taskframe.app import Taskframe
+    from taskframe.client.app import Taskframe
     from taskframe.control.revoked import RevokedSet
     from taskframe.pools.base import Pool
 
@@ -375,7 +375,7 @@ class Consumer:
         if not request.context.ignore_result and self.app.result_backend_url is not None:
             self.app.backend.mark_as_revoked(request.id, "expired")
         if self.app.result_backend_url is not None:  # a chord header part still counts
-            from taskframe.chord import on_revoked
+            from taskframe.canvas.chord_completion import on_revoked
 
             on_revoked(request.task, request.context, "expired")
         signals.task_revoked.send(sender=request.task, request=request.context,
@@ -392,7 +392,7 @@ class Consumer:
         """Skip a revoked task: store REVOKED (never over a result), signal, ack."""
         logger.info("Discarding revoked task: %s[%s]", request.name, request.id)
         if self.app.result_backend_url is not None:
-            from taskframe.chord import on_revoked
+            from taskframe.canvas.chord_completion import on_revoked
 
             try:
                 if not request.context.ignore_result:
@@ -533,7 +533,7 @@ class Consumer:
         """The job ended (any thread): settle late acks, free the slot."""
         request: Request = job.request
         if outcome.state == states.REVOKED and self._store_results():  # terminated
-            from taskframe.chord import on_revoked
+            from taskframe.canvas.chord_completion import on_revoked
 
             on_revoked(job.task, job.context, "terminated")
         try:

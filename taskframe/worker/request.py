@@ -9,8 +9,8 @@ from taskframe.context import Context
 from taskframe.protocol import TaskMessage
 
 if TYPE_CHECKING:
+    from taskframe.client.task import Task
     from taskframe.pools.base import TaskJob
-    from taskframe.task import Task
     from taskframe.transport import Message
 
 __all__ = ["Request"]

@@ -28,16 +28,16 @@ from types import FrameType
 from typing import TYPE_CHECKING, Any
 
 from taskframe import signals
-from taskframe.control.worker_state import RemoteControl, load_revoked
+from taskframe.control_server.worker_adapter import RemoteControl, load_revoked
 from taskframe.errors import BrokerConnectionError, TransportError
-from taskframe.events.health import HealthMonitor, start_health
-from taskframe.events.node import WorkerEvents
+from taskframe.events.worker_events import WorkerEvents
 from taskframe.log import setup_logging
 from taskframe.pools import get_pool_class
 from taskframe.worker.consumer import Consumer
+from taskframe.worker.health import HealthMonitor, start_health
 
 if TYPE_CHECKING:
-    from taskframe.app import Taskframe
+    from taskframe.client.app import Taskframe
     from taskframe.transport import Queue
 
 __all__ = ["EX_COLD_SHUTDOWN", "EX_OK", "EX_SOFTWARE", "EX_UNAVAILABLE", "Worker",

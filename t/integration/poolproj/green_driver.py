@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import sys
 
-from taskframe.bootstrap import monkey_patch
+from taskframe.cli.bootstrap import monkey_patch
 
 POOL = sys.argv[1]
 monkey_patch(POOL)
@@ -21,9 +21,9 @@ from typing import Any  # noqa: E402
 
 from taskframe import Task, Taskframe  # noqa: E402
 from taskframe.context import Context  # noqa: E402
+from taskframe.execution.outcome import Outcome  # noqa: E402
 from taskframe.pools import POOLS  # noqa: E402
 from taskframe.pools.base import TaskJob  # noqa: E402
-from taskframe.worker.trace import Outcome  # noqa: E402
 
 app = Taskframe("driver", broker="memory://", backend="memory://", set_as_current=False)
 

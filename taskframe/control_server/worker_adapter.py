@@ -22,11 +22,11 @@ from typing import TYPE_CHECKING, Any
 
 from taskframe.control.mailbox import LamportClock
 from taskframe.control.revoked import RevokedSet, RevokeStore, StateDB, store_for
-from taskframe.control.state import RequestView
+from taskframe.control_server.contract import RequestView
 from taskframe.errors import PoolError
 
 if TYPE_CHECKING:
-    from taskframe.app import Taskframe
+    from taskframe.client.app import Taskframe
     from taskframe.transport import Queue
     from taskframe.worker.consumer import Consumer
     from taskframe.worker.request import Request
@@ -270,7 +270,7 @@ class RemoteControl:
               statedb: StateDB | None = None, store: RevokeStore | None = None,
               events: Any = None) -> RemoteControl:
         """Build the state and, unless remote control is off, start the node."""
-        from taskframe.control.node import ControlNode
+        from taskframe.control_server.node import ControlNode
 
         state = WorkerControlState(worker, consumer, revoked=revoked, statedb=statedb,
                                    store=store, events=events)

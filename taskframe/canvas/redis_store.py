@@ -26,7 +26,7 @@ import uuid
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from taskframe.protocol import states
+from taskframe import states
 from taskframe.protocol.results import decode_exception, encode_exception
 
 if TYPE_CHECKING:

@@ -12,8 +12,8 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING, Any
 
-from taskframe.canvas import flatten_ids
-from taskframe.protocol import states
+from taskframe import states
+from taskframe.canvas.signatures import flatten_ids
 from taskframe.protocol.results import decode_result
 
 if TYPE_CHECKING:

@@ -33,7 +33,7 @@ from taskframe.events.event import SOFTWARE_INFO, Clock, load_average
 from taskframe.protocol import safe_repr
 
 if TYPE_CHECKING:
-    from taskframe.app import Taskframe
+    from taskframe.client.app import Taskframe
 
 __all__ = ["WorkerEvents", "send_task_event"]
 

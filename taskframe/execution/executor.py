@@ -1,4 +1,4 @@
-"""Running one task: hooks, signals, retries, results, callbacks.
+"""Running one task: hooks, signals, retries, the stored result, then its callbacks.
 
 ``execute`` is the single place where a task body runs, for the worker and for
 eager calls alike. It never raises for a task's own exception: the outcome
@@ -11,36 +11,22 @@ import inspect
 import logging
 import os
 import traceback as tb_module
-from collections.abc import Sequence
-from dataclasses import dataclass
-from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
-from taskframe import signals
-from taskframe.canvas import Signature
+from taskframe import signals, states
 from taskframe.context import Context, request_context
 from taskframe.errors import Ignore, Reject, Retry
-from taskframe.protocol import states
+from taskframe.execution.callbacks import dispatch_callbacks, dispatch_errbacks
+from taskframe.execution.coroutines import run_coroutine
+from taskframe.execution.outcome import Outcome
 from taskframe.protocol.results import ResultContext
-from taskframe.worker.coroutines import run_coroutine
 
 if TYPE_CHECKING:
-    from taskframe.result import EagerResult
-    from taskframe.task import Task
+    from taskframe.client.task import Task
 
-__all__ = ["Outcome", "execute", "fail_outside", "publish_retry", "run_eager"]
+__all__ = ["Outcome", "execute", "fail_outside"]
 
 logger = logging.getLogger("taskframe.worker.trace")
-
-
-@dataclass
-class Outcome:
-    """How one run ended. ``state`` is SUCCESS, FAILURE, RETRY, IGNORED or REJECTED."""
-
-    state: str
-    retval: Any = None
-    traceback: str | None = None
-    requeue: bool = False
 
 
 def _result_context(task: Task[Any, Any], ctx: Context) -> ResultContext:
@@ -156,7 +142,7 @@ def _on_success(task: Task[Any, Any], ctx: Context, retval: Any, backend: Any) -
     _hook(task, "on_success", retval, task_id, ctx.args, ctx.kwargs)
     signals.task_success.send(sender=task, result=retval)
     if not ctx.is_eager:
-        _dispatch_callbacks(task, ctx, retval)
+        dispatch_callbacks(task, ctx, retval)
     return Outcome(states.SUCCESS, retval)
 
 
@@ -200,7 +186,7 @@ def _on_failure(task: Task[Any, Any], ctx: Context, exc: Exception, backend: Any
     signals.task_failure.send(sender=task, task_id=task_id, exception=exc, args=ctx.args,
                               kwargs=ctx.kwargs, traceback=einfo, einfo=einfo)
     if not ctx.is_eager:
-        _dispatch_errbacks(task, ctx, exc, einfo)
+        dispatch_errbacks(task, ctx, exc, einfo)
     return Outcome(states.FAILURE, exc, einfo)
 
 
@@ -210,112 +196,3 @@ def _hook(task: Task[Any, Any], name: str, *args: Any) -> None:
         getattr(task, name)(*args)
     except Exception:
         logger.exception("%s of %s raised", name, task.name)
-
-
-def _dispatch_callbacks(task: Task[Any, Any], ctx: Context, retval: Any) -> None:
-    """Send the links, then the next chain step, then count a chord part.
-
-    Several links are sent as Celery 5.7 sends them: each group link on its own,
-    the other links together as one group (so they share a ``group_id``). With
-    ``task_inherit_parent_priority`` they get this task's priority.
-    """
-    from taskframe.canvas import group
-    from taskframe.chord import on_chord_part_return
-
-    app = task.app
-    family: dict[str, Any] = {"parent_id": ctx.id, "root_id": ctx.root_id or ctx.id}
-    if app.conf.task_inherit_parent_priority and ctx.priority is not None:
-        family["priority"] = ctx.priority
-    links = [Signature.from_dict(sig, app=app) for sig in ctx.callbacks or ()]
-    if len(links) == 1:
-        links[0].apply_async((retval,), **family)
-    elif links:
-        for link in links:
-            if isinstance(link, group):
-                link.apply_async((retval,), **family)
-        others = [link for link in links if not isinstance(link, group)]
-        if others:
-            group(*others, app=app).apply_async((retval,), **family)
-    if ctx.chain:
-        remaining = list(ctx.chain)
-        following = Signature.from_dict(remaining.pop(), app=app)
-        following.apply_async((retval,), chain=remaining or None, **family)
-    if ctx.group and ctx.chord:
-        on_chord_part_return(task, ctx, states.SUCCESS, retval)
-
-
-def _dispatch_errbacks(task: Task[Any, Any], ctx: Context, exc: Exception, einfo: str) -> None:
-    """Call the errbacks, fail the chain steps that will never run, count a chord part."""
-    from taskframe.chord import call_errbacks, fail_chain, on_chord_part_return
-
-    call_errbacks(task.app, ctx.errbacks, ctx, exc, einfo)
-    if ctx.chain:
-        fail_chain(task.app, ctx.chain, exc, einfo)
-    if ctx.group and ctx.chord:
-        on_chord_part_return(task, ctx, states.FAILURE, exc)
-
-
-def _takes_request(task: Task[Any, Any]) -> bool:
-    """Celery calls an errback in-process with (request, exc, traceback) when its
-    function takes more than one positional argument."""
-    import inspect
-
-    fn = getattr(task, "__wrapped__", None)
-    if fn is None:
-        return False
-    params = [p for p in inspect.signature(fn).parameters.values()
-              if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
-    bound = 1 if getattr(task, "_bind", False) else 0
-    return len(params) - bound > 1
-
-
-def publish_retry(task: Task[Any, Any], request: Context, args: Sequence[Any] | None,
-                  kwargs: dict[str, Any] | None, *, eta: datetime | None,
-                  countdown: float | None, **options: Any) -> None:
-    """Send the next run of a retried task: same id, ``retries + 1``, same embed."""
-    info = request.delivery_info
-    queue = options.pop("queue", None) or info.get("queue")
-    if not queue and not info.get("exchange"):
-        queue = info.get("routing_key")  # the default exchange routes by queue name
-    if not queue and info.get("exchange"):
-        options.setdefault("exchange", info["exchange"])
-        options.setdefault("routing_key", info.get("routing_key"))
-    task.app.send_task(
-        task.name,
-        list(request.args if args is None else args),
-        dict(request.kwargs if kwargs is None else kwargs),
-        task_id=request.id, retries=request.retries + 1, countdown=countdown, eta=eta,
-        expires=request.expires, link=request.callbacks, link_error=request.errbacks,
-        chain=request.chain, chord=request.chord, group_id=request.group,
-        group_index=request.group_index, root_id=request.root_id, parent_id=request.id,
-        priority=request.priority, time_limit=request.timelimit[0],
-        soft_time_limit=request.timelimit[1], shadow=request.shadow,
-        ignore_result=request.ignore_result, queue=queue, task=task,
-        reply_to=options.pop("reply_to", None) or request.reply_to, **options,
-    )
-
-
-def run_eager(task: Task[Any, Any], args: list[Any], kwargs: dict[str, Any],
-              options: dict[str, Any]) -> EagerResult[Any]:
-    """Run ``task`` here and now (``apply()``); retries run at once, in a loop."""
-    import uuid
-
-    from taskframe.result import EagerResult
-
-    conf = task.app.conf
-    task_id = options.get("task_id") or str(uuid.uuid4())
-    retries = int(options.get("retries", 0))
-    ignore = task.ignore_result if task.ignore_result is not None else conf.task_ignore_result
-    while True:
-        ctx = Context(id=task_id, task=task.name, args=args, kwargs=kwargs, retries=retries,
-                      is_eager=True, called_directly=False, root_id=task_id,
-                      ignore_result=bool(ignore), hostname=task.app.origin)
-        outcome = execute(task, ctx, store=bool(conf.task_store_eager_result))
-        if outcome.state == states.RETRY:
-            retries += 1
-            continue
-        break
-    state = states.FAILURE if outcome.state == states.REJECTED else outcome.state
-    if outcome.state == states.FAILURE and (options.get("throw") or conf.task_eager_propagates):
-        raise outcome.retval
-    return EagerResult(task_id, outcome.retval, state, outcome.traceback, task_name=task.name)

@@ -18,23 +18,23 @@ importable from here too (``from taskframe.result import GroupResult``, as from
 
 from __future__ import annotations
 
-import importlib
 import logging
 from collections import deque
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any, Generic, TypeAlias, TypeVar
 
+from taskframe import states
 from taskframe.context import current_request
+from taskframe.current import current_app
 from taskframe.errors import IncompleteStream
-from taskframe.protocol import states
 from taskframe.protocol.results import ResultMeta, decode_result, result_tuple
 
 if TYPE_CHECKING:
-    from taskframe.app import Taskframe
     from taskframe.backends.base import Backend
-    from taskframe.result_group import GroupResult, ResultSet, result_from_tuple
+    from taskframe.client.app import Taskframe
+    from taskframe.result.group import GroupResult
 
-__all__ = ["AsyncResult", "EagerResult", "GroupResult", "ResultSet", "result_from_tuple"]
+__all__ = ["AsyncResult", "EagerResult", "set_tuple_reader"]
 
 logger = logging.getLogger("taskframe.result")
 
@@ -42,6 +42,17 @@ R = TypeVar("R")
 #: What a group or a result set holds: task results and nested groups.
 Member: TypeAlias = "AsyncResult[Any] | GroupResult"
 Callback: TypeAlias = Callable[[Any], Any]
+TupleReader: TypeAlias = "Callable[..., AsyncResult[Any] | GroupResult]"
+
+# How a result is rebuilt from Celery's tuple form (a task's ``children`` may be groups):
+# ``result.group``, which imports this module, gives it with ``set_tuple_reader``.
+_read_tuple: TupleReader
+
+
+def set_tuple_reader(reader: TupleReader) -> None:
+    """Install the reader of Celery's result tuples (``result_from_tuple``)."""
+    global _read_tuple
+    _read_tuple = reader
 
 
 def check_blocking(disable_sync_subtasks: bool) -> None:
@@ -97,8 +108,6 @@ class AsyncResult(Generic[R]):
     def app(self) -> Taskframe:
         """The app whose backend this result reads."""
         if self._app is None:
-            from taskframe.app import current_app
-
             self._app = current_app()
         return self._app
 
@@ -289,11 +298,9 @@ class AsyncResult(Generic[R]):
     @property
     def children(self) -> list[Member]:
         """Results of the tasks this task started (stored as its meta's ``children``)."""
-        from taskframe.result_group import result_from_tuple
-
         if self._children is not None:
             return self._children
-        children = [result_from_tuple(child, app=self._app, backend=self._backend)
+        children = [_read_tuple(child, app=self._app, backend=self._backend)
                     for child in self._get_meta().get("children") or []]
         if self._meta is not None:
             self._children = children  # final: the meta will not change
@@ -397,13 +404,3 @@ class EagerResult(AsyncResult[R]):
 
     def __repr__(self) -> str:
         return f"<EagerResult: {self.id}>"
-
-
-_LAZY = {"GroupResult", "ResultSet", "result_from_tuple"}
-
-
-def __getattr__(name: str) -> Any:
-    # The group classes import this module; re-exported lazily (PEP 562).
-    if name in _LAZY:
-        return getattr(importlib.import_module("taskframe.result_group"), name)
-    raise AttributeError(f"module 'taskframe.result' has no attribute {name!r}")

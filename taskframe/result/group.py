@@ -21,14 +21,22 @@ import uuid
 from collections.abc import Callable, Iterable, Iterator
 from typing import TYPE_CHECKING, Any
 
+from taskframe.current import current_app
 from taskframe.errors import ResultError
 from taskframe.errors import TimeoutError as ResultTimeout
 from taskframe.protocol.results import group_tuple
-from taskframe.result import AsyncResult, Callback, Member, check_blocking, fire_callbacks
+from taskframe.result.async_result import (
+    AsyncResult,
+    Callback,
+    Member,
+    check_blocking,
+    fire_callbacks,
+    set_tuple_reader,
+)
 
 if TYPE_CHECKING:
-    from taskframe.app import Taskframe
     from taskframe.backends.base import Backend
+    from taskframe.client.app import Taskframe
 
 __all__ = ["GroupResult", "ResultSet", "result_from_tuple"]
 
@@ -58,8 +66,6 @@ class ResultSet:
             if self.results:
                 self._app = self.results[0].app
             else:
-                from taskframe.app import current_app
-
                 self._app = current_app()
         return self._app
 
@@ -315,8 +321,6 @@ class GroupResult(ResultSet):
         """
         if backend is None:
             if app is None:
-                from taskframe.app import current_app
-
                 app = current_app()
             backend = app.backend
         stored = backend.restore_group(id)
@@ -365,3 +369,6 @@ def result_from_tuple(value: Any, *, app: Taskframe | None = None,
         members = [result_from_tuple(node, app=app, backend=backend) for node in nodes]
         return GroupResult(task_id, members, parent, app=app, backend=backend)
     return AsyncResult(task_id, app=app, backend=backend, parent=parent)
+
+
+set_tuple_reader(result_from_tuple)

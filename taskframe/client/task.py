@@ -27,13 +27,19 @@ from typing import (
     overload,
 )
 
+from taskframe.canvas import Signature, chunks, xmap, xstarmap
+from taskframe.canvas.chords import add_to_chord, replace_task
+from taskframe.client.retry import publish_retry
 from taskframe.context import Context, current_request
-from taskframe.errors import MaxRetriesExceededError, Retry
+from taskframe.current import current_app
+from taskframe.errors import Ignore, MaxRetriesExceededError, Retry
+from taskframe.events.worker_events import send_task_event
+from taskframe.execution.eager import run_eager
+from taskframe.result import AsyncResult
 
 if TYPE_CHECKING:
-    from taskframe.app import Taskframe
     from taskframe.backends.base import Backend
-    from taskframe.canvas import Signature
+    from taskframe.client.app import Taskframe
     from taskframe.result import AsyncResult, EagerResult
 
 __all__ = ["Task"]
@@ -123,8 +129,6 @@ class Task(Generic[P, R]):
     def app(self) -> Taskframe:
         """The app this task belongs to (the current app for ``shared_task``)."""
         if self._app is None:
-            from taskframe.app import current_app
-
             return current_app()
         return self._app
 
@@ -209,8 +213,6 @@ class Task(Generic[P, R]):
         **options: Any,
     ) -> EagerResult[Any]:
         """Run the task in this process now and return an ``EagerResult``."""
-        from taskframe.worker.trace import run_eager
-
         return run_eager(self, list(args or ()), dict(kwargs or {}), options)
 
     def check_arguments(self, args: Sequence[Any], kwargs: dict[str, Any]) -> None:
@@ -275,8 +277,6 @@ class Task(Generic[P, R]):
             countdown = self.default_retry_delay
         when: float | datetime | None = eta if eta is not None else countdown
         if not request.is_eager:
-            from taskframe.worker.trace import publish_retry
-
             publish_retry(self, request, args, kwargs, eta=eta, countdown=countdown, **options)
         retry = Retry(exc=exc, when=when, is_eager=request.is_eager)
         if throw:
@@ -297,8 +297,6 @@ class Task(Generic[P, R]):
         """Send a custom event (``task-progress``, ...) about the running task, as
         Celery's ``Task.send_event``: ``uuid`` is set, Flower and ``taskframe events``
         show it. Nothing is sent outside a worker that sends events."""
-        from taskframe.events.node import send_task_event
-
         send_task_event(type_, **fields)
 
     # -- signatures and results ---------------------------------------------------------
@@ -306,8 +304,6 @@ class Task(Generic[P, R]):
     def signature(self, args: Sequence[Any] | None = None, kwargs: dict[str, Any] | None = None,
                   **options: Any) -> Signature:
         """A signature of this task with partial arguments and options."""
-        from taskframe.canvas import Signature
-
         return Signature(self.name, args, kwargs, options, app=self._app)
 
     def s(self, *args: Any, **kwargs: Any) -> Signature:
@@ -322,20 +318,14 @@ class Task(Generic[P, R]):
 
     def map(self, it: Any) -> Signature:
         """One message that calls this task once per item (Celery's ``xmap``)."""
-        from taskframe.canvas import xmap
-
         return xmap(self, it, app=self._app)
 
     def starmap(self, it: Any) -> Signature:
         """One message that calls this task with ``*item`` per item (``xstarmap``)."""
-        from taskframe.canvas import xstarmap
-
         return xstarmap(self, it, app=self._app)
 
     def chunks(self, it: Any, n: int) -> Signature:
         """Split ``it`` into parts of ``n`` argument tuples, one message per part."""
-        from taskframe.canvas import chunks
-
         return chunks(self, it, n, app=self._app)
 
     def replace(self, sig: Any) -> Any:
@@ -344,9 +334,6 @@ class Task(Generic[P, R]):
         Raises ``Ignore`` so nothing is stored for this run (the replacement's
         result is). When the task runs eagerly, returns the replacement's value.
         """
-        from taskframe.chord import replace_task
-        from taskframe.errors import Ignore
-
         if self.request.is_eager:
             return replace_task(self, sig)
         replace_task(self, sig)
@@ -354,14 +341,10 @@ class Task(Generic[P, R]):
 
     def add_to_chord(self, sig: Any, lazy: bool = False) -> Any:
         """Add ``sig`` to the header of the chord this task belongs to; returns its result."""
-        from taskframe.chord import add_to_chord
-
         return add_to_chord(self, sig, lazy)
 
     def AsyncResult(self, task_id: str) -> AsyncResult[R]:
         """A result handle for ``task_id`` of this task."""
-        from taskframe.result import AsyncResult
-
         return AsyncResult(task_id, app=self.app, task_name=self.name)
 
     # -- hooks (override in a base class) -----------------------------------------------

@@ -44,7 +44,7 @@ from taskframe.context import Context, current_request
 from taskframe.errors import Reject, SoftTimeLimitExceeded, TimeLimitExceeded
 
 if TYPE_CHECKING:
-    from taskframe.task import Task
+    from taskframe.client.task import Task
 
 __all__ = ["TIME_LIMIT", "BodyRun", "deliver_soft_limit", "is_async_task", "run_coroutine"]
 

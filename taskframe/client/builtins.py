@@ -12,17 +12,21 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from taskframe.task import Task
+from taskframe import states
+from taskframe.canvas import Signature, chunks
+from taskframe.canvas.chord_completion import send_body_or_fail
+from taskframe.canvas.counter import fetch_metas
+from taskframe.canvas.signatures import flatten_ids
+from taskframe.client.task import Task
+from taskframe.protocol.results import decode_result
 
 if TYPE_CHECKING:
-    from taskframe.app import Taskframe
+    from taskframe.client.app import Taskframe
 
 __all__ = ["register_builtins"]
 
 
 def _task_of(app: Taskframe, sig_data: Any) -> Task[Any, Any]:
-    from taskframe.canvas import Signature
-
     return Signature.from_dict(sig_data, app=app).type
 
 
@@ -40,8 +44,6 @@ def _starmap(self: Task[Any, Any], task: Any, it: list[Any]) -> list[Any]:
 
 def _chunks(self: Task[Any, Any], task: Any, it: list[Any], n: int) -> str:
     """Send the parts of a ``chunks`` as a group; returns the group id (``celery.chunks``)."""
-    from taskframe.canvas import chunks
-
     result = chunks(task, it, n, app=self.app).apply_async()
     return str(result.id)
 
@@ -56,12 +58,6 @@ def _chord_unlock(self: Task[Any, Any], group_id: str, callback: Any,
                   interval: float | None = None, max_retries: int | None = None,
                   result: list[Any] | None = None, **_: Any) -> None:
     """Poll the header of a chord; send (or fail) the body once every part is ready."""
-    from taskframe.canvas import flatten_ids
-    from taskframe.chord import send_body_or_fail
-    from taskframe.chord_counter import fetch_metas
-    from taskframe.protocol import states
-    from taskframe.protocol.results import decode_result
-
     app = self.app
     ids = flatten_ids(result or [])
     metas = fetch_metas(app.backend, ids)

@@ -19,10 +19,18 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from taskframe.control.info import broker_info, iso, jsonable, queue_info, rusage, scheme, secret
+from taskframe import states
 from taskframe.control.revoked import revoked_ids
-from taskframe.control.state import WorkerState
-from taskframe.protocol import states
+from taskframe.control_server.contract import WorkerState
+from taskframe.control_server.info import (
+    broker_info,
+    iso,
+    jsonable,
+    queue_info,
+    rusage,
+    scheme,
+    secret,
+)
 from taskframe.transport import Exchange, Queue
 
 __all__ = ["HANDLERS", "NO_REPLY", "Handler", "dispatch", "signal_number"]

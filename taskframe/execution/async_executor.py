@@ -17,8 +17,8 @@ from typing import TYPE_CHECKING, Any
 
 from taskframe import signals
 from taskframe.context import Context, request_context
-from taskframe.worker.coroutines import BodyRun
-from taskframe.worker.trace import (
+from taskframe.execution.coroutines import BodyRun
+from taskframe.execution.executor import (
     Outcome,
     _after_run,
     _before_body,
@@ -28,7 +28,7 @@ from taskframe.worker.trace import (
 )
 
 if TYPE_CHECKING:
-    from taskframe.task import Task
+    from taskframe.client.task import Task
 
 __all__ = ["execute_async"]
 

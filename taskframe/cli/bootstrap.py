@@ -60,6 +60,6 @@ def monkey_patch(pool: str | None) -> bool:
 def main() -> None:
     """Run the ``taskframe`` command (the console script)."""
     monkey_patch(pool_from_argv(sys.argv[1:]))
-    from taskframe.cli import main as cli_main
+    from taskframe.cli.main import main as cli_main
 
     cli_main()

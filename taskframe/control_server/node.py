@@ -17,31 +17,20 @@ import threading
 import time
 from typing import TYPE_CHECKING, Any
 
-from taskframe.control.mailbox import ControlRequest, Mailbox
-from taskframe.control.panel import NO_REPLY, dispatch
+from taskframe.control.mailbox import ControlRequest, mailbox_for
+from taskframe.control_server.handlers import NO_REPLY, dispatch
 from taskframe.transport.errors import BrokerConnectionError, TransportError
 
 if TYPE_CHECKING:
-    from taskframe.app import Taskframe
-    from taskframe.control.state import WorkerState
+    from taskframe.client.app import Taskframe
+    from taskframe.control_server.contract import WorkerState
     from taskframe.transport import Connection, Message, Queue, Transport
 
-__all__ = ["ControlNode", "mailbox_for"]
+__all__ = ["ControlNode"]
 
 logger = logging.getLogger("taskframe.control.node")
 
 _POLL = 0.5
-
-
-def mailbox_for(app: Taskframe, clock: Any = None) -> Mailbox:
-    """The mailbox the app's settings describe (``control_exchange``, ``control_queue_*``)."""
-    c = app.conf
-    return Mailbox(
-        str(c.control_exchange or "celery"),
-        queue_ttl=c.control_queue_ttl, queue_expires=c.control_queue_expires,
-        serializer=str(c.task_serializer or "json"),
-        accept=tuple(c.accept_content or ("json",)), clock=clock,
-    )
 
 
 class ControlNode:

@@ -24,7 +24,7 @@ from typing import Any, NoReturn, TypeVar
 import click
 
 from taskframe.control.client import flatten_replies
-from taskframe.control.panel import HANDLERS
+from taskframe.control_server.handlers import HANDLERS
 
 __all__ = ["control_command", "inspect_command", "revoke_command", "status_command",
            "worker_control_options"]

@@ -1,4 +1,4 @@
-"""Signatures and the canvas: ``chain``, ``group``, ``chord``, ``chunks``, ``map``, ``starmap``.
+"""``Signature``: a task call as data, and the helpers every canvas primitive shares.
 
 A ``Signature`` is a ``dict`` with Celery's keys (``task``, ``args``, ``kwargs``,
 ``options``, ``subtask_type``, ``immutable``, and ``chord_size`` when known), so
@@ -16,11 +16,12 @@ How they run (nothing polls while a chord waits):
   next step last); each worker sends the next step with its result prepended.
 * group: every member is sent now with the same ``group_id``.
 * chord: the header is a group whose members carry the body (``chord``); each
-  member, as it ends, counts itself in the result backend (``taskframe.chord``)
+  member, as it ends, counts itself in the result backend (``canvas.chords``)
   and the last one sends the body with the header's results in order.
 
-The primitives themselves live in ``taskframe.canvas_primitives`` and are
-re-exported here.
+The primitives live in ``canvas.primitives``; each registers itself in
+``Signature.TYPES`` under its ``subtask_type``, which is how a signature dict
+becomes its primitive and how ``a | b`` builds a chain without importing it.
 """
 
 from __future__ import annotations
@@ -30,21 +31,14 @@ import uuid
 from collections.abc import Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, ClassVar
 
-if TYPE_CHECKING:
-    from taskframe.app import Taskframe
-    from taskframe.task import Task
+from taskframe.current import current_app
+from taskframe.result.async_result import AsyncResult
 
-__all__ = [
-    "Signature",
-    "chain",
-    "chord",
-    "chunks",
-    "group",
-    "maybe_signature",
-    "signature",
-    "xmap",
-    "xstarmap",
-]
+if TYPE_CHECKING:
+    from taskframe.client.app import Taskframe
+    from taskframe.client.task import Task
+
+__all__ = ["Signature", "maybe_signature", "signature"]
 
 #: Options that say where a step sits in a workflow; a composite consumes them.
 CONTROL_OPTIONS = frozenset({
@@ -251,8 +245,6 @@ class Signature(dict[str, Any]):
         for key, value in options.items():
             if value is not None:
                 self["options"][key] = value
-        from taskframe.result import AsyncResult
-
         return AsyncResult(str(self["options"]["task_id"]), app=self._resolve_app(),
                            task_name=self.name)
 
@@ -307,8 +299,6 @@ class Signature(dict[str, Any]):
     def _resolve_app(self) -> Taskframe:
         if self._app is not None:
             return self._app
-        from taskframe.app import current_app
-
         return current_app()
 
     # -- representation -----------------------------------------------------------------
@@ -394,13 +384,3 @@ def as_list(tasks: Iterable[Any] | Any) -> list[Any]:
     if isinstance(tasks, Mapping):
         return [tasks]
     return list(tasks)
-
-
-from taskframe.canvas_primitives import (  # noqa: E402 - the primitives subclass Signature
-    chain,
-    chord,
-    chunks,
-    group,
-    xmap,
-    xstarmap,
-)

@@ -17,16 +17,16 @@ from typing import Any, NoReturn
 import click
 
 from taskframe import __version__
-from taskframe.app import Taskframe
-from taskframe.control.cli import (
+from taskframe.cli.control import (
     control_command,
     inspect_command,
     revoke_command,
     status_command,
     worker_control_options,
 )
+from taskframe.cli.events import events_command, worker_event_options
+from taskframe.client.app import Taskframe
 from taskframe.errors import ImproperlyConfigured, TaskframeError, TimeoutError
-from taskframe.events.cli import events_command, worker_event_options
 from taskframe.pools import POOLS
 from taskframe.transport.errors import TransportError
 

@@ -25,24 +25,25 @@ import warnings
 import weakref
 from collections.abc import Callable, Iterable, Sequence
 from datetime import UTC, datetime, timedelta
-from typing import TYPE_CHECKING, Any, Concatenate, Literal, ParamSpec, TypeVar, overload
+from typing import Any, Concatenate, Literal, ParamSpec, TypeVar, overload
 
 from taskframe import signals
 from taskframe.backends import create_backend, needs_task_call
 from taskframe.backends.base import Backend, BackendOptions
+from taskframe.client.builtins import register_builtins
+from taskframe.client.router import Router
+from taskframe.client.task import Task
 from taskframe.config import Settings
 from taskframe.context import current_request
+from taskframe.control.client import Control
+from taskframe.current import current_app, set_current_app
 from taskframe.defaults import EMBEDDED_BACKEND_URL, EMBEDDED_BROKER_URL
 from taskframe.errors import ImproperlyConfigured, NotRegistered
+from taskframe.events.sent import send_task_sent
 from taskframe.protocol import TaskMessage, encode_task
 from taskframe.result import AsyncResult
-from taskframe.routing import Router
-from taskframe.task import Task
 from taskframe.transport import Connection, Envelope, dumps
 from taskframe.transport.serialization import compress
-
-if TYPE_CHECKING:
-    from taskframe.control.client import Control
 
 __all__ = ["Celery", "Taskframe", "current_app", "shared_task"]
 
@@ -52,20 +53,10 @@ P = ParamSpec("P")
 R = TypeVar("R")
 
 _state_lock = threading.RLock()
-_current_app: Taskframe | None = None
 _all_apps: list[Taskframe] = []
 _shared_tasks: list[Task[Any, Any]] = []
 # Clients a forked child inherited from its parent: referenced forever, never closed.
 _inherited_clients: list[tuple[Any, ...]] = []
-
-
-def current_app() -> Taskframe:
-    """The app created last (or a default app when none exists yet)."""
-    with _state_lock:
-        if _current_app is None:
-            Taskframe("default")
-        assert _current_app is not None
-        return _current_app
 
 
 class Taskframe:
@@ -118,16 +109,13 @@ class Taskframe:
         self.worker_start_hooks: list[Callable[[], Any]] = []
         self.worker_stop_hooks: list[Callable[[], Any]] = []
         self.origin = f"gen{os.getpid()}@{socket.gethostname()}"
-        from taskframe.canvas_builtins import register_builtins
-
         register_builtins(self)  # celery.map, celery.chord_unlock, ... (Celery canvases)
         with _state_lock:
             _all_apps.append(self)
             for shared in _shared_tasks:
                 self.tasks.setdefault(shared.name, shared)
             if set_as_current:
-                global _current_app
-                _current_app = self
+                set_current_app(self)
 
     # -- worker lifecycle hooks ----------------------------------------------------------
 
@@ -279,8 +267,6 @@ class Taskframe:
         """Remote control of the workers (``app.control.inspect().active()``, ``revoke``)."""
         control: Control | None = self.__dict__.get("_control")
         if control is None:
-            from taskframe.control.client import Control
-
             with self._lock:
                 control = self.__dict__.setdefault("_control", Control(self))
         return control
@@ -495,8 +481,6 @@ class Taskframe:
         signals.after_task_publish.send(sender=message.name, body=body, headers=headers,
                                         exchange=route.exchange, routing_key=route.routing_key)
         if self.conf.task_send_sent_event:
-            from taskframe.events.sent import send_task_sent
-
             send_task_sent(self, headers, queue=route.queue.name, exchange=route.exchange,
                            routing_key=route.routing_key)
 

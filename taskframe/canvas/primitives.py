@@ -1,4 +1,7 @@
-"""The canvas primitives: ``chain``, ``group``, ``chord``, ``chunks``, ``xmap``, ``xstarmap``.
+"""The canvas primitives: ``chain``, ``group``, ``chunks``, ``xmap``, ``xstarmap``.
+
+``chord`` is a primitive too; it lives in ``canvas.chords`` with the code that sends it, and
+the primitives here reach it as ``Signature.TYPES["chord"]``.
 
 Import them from ``taskframe.canvas`` (or ``taskframe``). Each is a ``Signature``
 with Celery's dict layout, so it can be embedded in a message and rebuilt by
@@ -10,24 +13,23 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from taskframe.canvas import (
+from taskframe.canvas.signatures import (
     Signature,
     _new_id,
     _sendable,
     as_list,
     maybe_signature,
 )
+from taskframe.result.group import GroupResult
 
 if TYPE_CHECKING:
-    from taskframe.app import Taskframe
-    from taskframe.task import Task
+    from taskframe.client.app import Taskframe
+    from taskframe.client.task import Task
 
-__all__ = ["chain", "chord", "chunks", "group", "xmap", "xstarmap"]
+__all__ = ["chain", "chunks", "group", "xmap", "xstarmap"]
 
 
 def _group_result(group_id: str, results: list[Any], app: Taskframe) -> Any:
-    from taskframe.result_group import GroupResult
-
     return GroupResult(group_id, results, app=app)
 
 
@@ -137,7 +139,8 @@ class chain(_TaskList):  # Celery's lower-case name
         index = 0
         while index < len(steps) - 1:
             if isinstance(steps[index], group):
-                steps[index] = chord(steps[index], body=steps.pop(index + 1), app=self._app)
+                body = steps.pop(index + 1)
+                steps[index] = self.TYPES["chord"](steps[index], body=body, app=self._app)
             else:
                 index += 1
         return steps
@@ -211,7 +214,7 @@ class group(_TaskList):  # Celery's lower-case name
         """``group | sig`` is a chord with ``sig`` as its body."""
         if not isinstance(other, Mapping):
             return NotImplemented
-        return chord(self, body=maybe_signature(other, app=self._app), app=self._app)
+        return self.TYPES["chord"](self, body=maybe_signature(other, app=self._app), app=self._app)
 
     def __len__(self) -> int:
         return len(self["kwargs"]["tasks"])
@@ -269,7 +272,7 @@ class group(_TaskList):  # Celery's lower-case name
         remaining = opts.pop("chain", None)
         if remaining:
             rest = chain(*[maybe_signature(s, app=app) for s in reversed(remaining)], app=app)
-            return chord(self, body=rest, app=app).apply_async(args, kwargs, **opts)
+            return self.TYPES["chord"](self, body=rest, app=app).apply_async(args, kwargs, **opts)
         group_id = str(opts.pop("task_id", None) or self.id or _new_id())
         outer = _control(opts, "group_id", "group_index", "chord")
         call_args, call_kwargs = self._merged_arguments(args, kwargs)
@@ -298,128 +301,6 @@ class group(_TaskList):  # Celery's lower-case name
 
     def __repr__(self) -> str:
         return f"group([{', '.join(repr(t) for t in self.tasks)}])"
-
-
-class chord(_Composite):  # Celery's lower-case name
-    """A group (the header) and a body sent with the header's results, in order.
-
-    ``chord(header)(body)``, ``chord(header, body).apply_async()`` or
-    ``group(...) | body``. The body is sent once, by the header task that ends
-    last, counted atomically in the result backend (``taskframe.chord``).
-    """
-
-    def __init__(self, header: Any, body: Any = None, app: Taskframe | None = None,
-                 **options: Any) -> None:
-        head = header if isinstance(header, group) else group(
-            *[maybe_signature(t, app=app) for t in as_list(header)], app=app)
-        if app is None:
-            app = head._app or (body._app if isinstance(body, Signature) else None)
-        kwargs = {"header": head, "body": maybe_signature(body, app=app), "kwargs": {}}
-        super().__init__("celery.chord", (), kwargs, options, subtask_type="chord", app=app)
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any], app: Taskframe | None = None) -> Signature:
-        """Rebuild a chord from Celery's dict (``kwargs.header``/``kwargs.body``)."""
-        kwargs = dict(data.get("kwargs") or {})
-        header = kwargs.get("header") or []
-        if isinstance(header, Mapping):
-            head = maybe_signature(header, app=app)
-        else:
-            head = group(*[maybe_signature(t, app=app) for t in header], app=app)
-        sig = cls(head, maybe_signature(kwargs.get("body"), app=app), app=app)
-        sig["args"] = list(data.get("args") or ())
-        sig["options"].update(data.get("options") or {})
-        return sig
-
-    @property
-    def tasks(self) -> list[Signature]:
-        """The header's members."""
-        header: group = self.header
-        return header.tasks
-
-    @property
-    def header(self) -> group:
-        """The header group."""
-        value = maybe_signature(self["kwargs"]["header"], app=self._app)
-        if not isinstance(value, group):
-            value = group(value, app=self._app)
-        self["kwargs"]["header"] = value
-        return value
-
-    @property
-    def body(self) -> Signature | None:
-        """The body signature (``None`` until given)."""
-        value = maybe_signature(self["kwargs"].get("body"), app=self._app)
-        self["kwargs"]["body"] = value
-        return value  # type: ignore[no-any-return]
-
-    def __call__(self, body: Any = None, **options: Any) -> Any:
-        """``chord(header)(body)``: apply with ``body``."""
-        return self.apply_async((), body=body, **options)
-
-    def __or__(self, other: Any) -> Signature:  # type: ignore[override]
-        """``chord | sig`` chains ``sig`` after the body."""
-        if not isinstance(other, Mapping):
-            return NotImplemented
-        body = self.body
-        if body is None:
-            raise ValueError("chord has no body")
-        sig = self.clone()
-        sig["kwargs"]["body"] = chain(body, maybe_signature(other, app=self._app), app=self._app)
-        return sig
-
-    def link(self, callback: Mapping[str, Any]) -> Mapping[str, Any]:
-        """Link ``callback`` to the body."""
-        body = self.body
-        assert body is not None, "chord has no body"
-        return body.link(callback)
-
-    def link_error(self, errback: Mapping[str, Any]) -> Mapping[str, Any]:
-        """Link ``errback`` to the body (called with ``ChordError`` when a header task fails)."""
-        body = self.body
-        assert body is not None, "chord has no body"
-        return body.link_error(errback)
-
-    def freeze(self, _id: str | None = None, **options: Any) -> Any:
-        """Give the body its id; returns the body's result."""
-        body = self.body
-        if body is None:
-            raise ValueError("chord has no body")
-        return body.freeze(_id, **options)
-
-    def apply_async(self, args: Sequence[Any] | None = None,
-                    kwargs: Mapping[str, Any] | None = None, body: Any = None,
-                    **options: Any) -> Any:
-        """Send the header; returns the body's result (it arrives once the header is done)."""
-        from taskframe.chord import start_chord
-
-        app = self._resolve_app()
-        body_sig = maybe_signature(body, app=app) if body is not None else self.body
-        if body_sig is None:
-            raise ValueError("chord has no body: chord(header)(body)")
-        if app.conf.task_always_eager:
-            return self._apply_eager(body_sig, args, kwargs)
-        opts = _sendable({**self.options, **options})
-        call_args, call_kwargs = self._merged_arguments(args, kwargs)
-        return start_chord(app, self.header, body_sig.clone(), call_args, call_kwargs, opts)
-
-    def apply(self, args: Sequence[Any] | None = None, kwargs: Mapping[str, Any] | None = None,
-              body: Any = None, **options: Any) -> Any:
-        """Run the header here, then the body with its results."""
-        body_sig = maybe_signature(body, app=self._app) if body is not None else self.body
-        if body_sig is None:
-            raise ValueError("chord has no body")
-        return self._apply_eager(body_sig, args, kwargs)
-
-    def _apply_eager(self, body: Signature, args: Sequence[Any] | None,
-                     kwargs: Mapping[str, Any] | None) -> Any:
-        call_args, call_kwargs = self._merged_arguments(args, kwargs)
-        values = [member.apply().get() for member in self.header.unrolled(call_args,
-                                                                           call_kwargs)]
-        return body.apply((values,))
-
-    def __repr__(self) -> str:
-        return f"chord({self.header!r}, {self.body!r})"
 
 
 class xmap(Signature):  # Celery's lower-case name
@@ -492,5 +373,5 @@ class chunks(Signature):  # Celery's lower-case name
         return self.apply_async(args, kwargs)
 
 
-for _cls in (chain, group, chord, xmap, xstarmap, chunks):
+for _cls in (chain, group, xmap, xstarmap, chunks):
     Signature.TYPES[str(getattr(_cls, "_kind", _cls.__name__))] = _cls

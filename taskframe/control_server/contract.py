@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:
-    from taskframe.app import Taskframe
+    from taskframe.client.app import Taskframe
     from taskframe.control.mailbox import LamportClock
     from taskframe.control.revoked import RevokedSet
     from taskframe.transport import Queue
