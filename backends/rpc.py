@@ -56,6 +56,7 @@ from taskframe.transport import errors as transport_errors
 from taskframe.transport.base import Envelope, Message
 from taskframe.transport.connection import Connection, Consumer
 from taskframe.transport.entities import Exchange, Queue
+from taskframe.transport.producer import Producer
 
 __all__ = ["RPCBackend"]
 
@@ -301,8 +302,8 @@ class RPCBackend(Backend):
         )
         connection = self._acquire()
         try:
-            connection.ensure(lambda transport: transport.publish(
-                envelope, exchange="", routing_key=reply_to), RETRY_POLICY)
+            Producer(connection).send(envelope, routing_key=reply_to, retry=True,
+                                      retry_policy=RETRY_POLICY)
         except transport_errors.PublishError as exc:
             logger.warning("the %s reply of task %s to %r was not delivered (its client is "
                            "gone?): %s", state, task_id, reply_to, exc)

@@ -13,8 +13,9 @@ from __future__ import annotations
 
 from . import errors
 from .base import Envelope, Message, Transport
-from .connection import Connection, Consumer, Producer
+from .connection import Connection, Consumer
 from .entities import Exchange, Queue
+from .producer import Producer
 from .serialization import dumps, loads
 
 __all__ = [

@@ -1,4 +1,4 @@
-"""The front door: ``Connection``, ``Producer`` and ``Consumer``, as in kombu.
+"""The front door: ``Connection`` and ``Consumer``, as in kombu (``Producer``: ``producer``).
 
 ``Connection`` picks the transport class from the URL scheme (a plain dict of
 loader functions: a transport's client library is imported only when a URL
@@ -20,18 +20,16 @@ import contextlib
 import logging
 import random
 import time
-import weakref
 from collections.abc import Callable, Mapping, Sequence
 from types import TracebackType
 from typing import Any, TypeVar
 
-from .base import Envelope, Message, Transport
+from .base import Message, Transport
 from .entities import Queue
-from .errors import BrokerConnectionError, EncodeError, ImproperlyConfigured, TransportError
-from .serialization import compress, dumps
+from .errors import BrokerConnectionError, ImproperlyConfigured, TransportError
 from .url import parse_url, safe_url, split_failover
 
-__all__ = ["Connection", "Consumer", "Producer", "known_schemes", "transport_class"]
+__all__ = ["Connection", "Consumer", "known_schemes", "transport_class"]
 
 logger = logging.getLogger(__name__)
 
@@ -294,130 +292,6 @@ class Connection:
 
     def __repr__(self) -> str:
         return f"<Connection {self.safe_url()}>"
-
-
-class Producer:
-    """Serializes bodies and publishes them through a ``Connection``.
-
-    Args:
-        connection: where to publish.
-        serializer: the default serializer name.
-        compression: the default compression method (``None``: none).
-    """
-
-    def __init__(
-        self, connection: Connection, serializer: str = "json", compression: str | None = None
-    ) -> None:
-        self.connection = connection
-        self.serializer = serializer
-        self.compression = compression
-        self._declared: weakref.WeakKeyDictionary[Transport, set[Queue]] = (
-            weakref.WeakKeyDictionary()
-        )
-
-    def publish(
-        self,
-        body: Any,
-        *,
-        routing_key: str,
-        exchange: str = "",
-        headers: Mapping[str, Any] | None = None,
-        properties: Mapping[str, Any] | None = None,
-        serializer: str | None = None,
-        content_type: str | None = None,
-        content_encoding: str | None = None,
-        compression: str | None = None,
-        delay: float | None = None,
-        priority: int | None = None,
-        declare: Sequence[Queue] = (),
-        retry: bool = False,
-        retry_policy: Mapping[str, Any] | None = None,
-    ) -> None:
-        """Publish one message.
-
-        Args:
-            body: the payload; serialized unless ``content_type`` is given, in which
-                case it must be bytes (or str, encoded with ``content_encoding``).
-            routing_key / exchange: where it goes (``exchange=""``: the queue named
-                by the routing key).
-            headers / properties: message headers and AMQP-style properties.
-            serializer / compression: override the producer's defaults.
-            delay: seconds the broker keeps the message invisible.
-            priority: 0-255, larger is more urgent.
-            declare: queues to declare first (once per transport).
-            retry / retry_policy: re-publish after a dropped connection (see
-                ``Connection.ensure``).
-
-        Raises:
-            EncodeError: the body cannot be serialized.
-            ImproperlyConfigured: ``delay`` on a transport without broker-side delay.
-            BrokerConnectionError: the broker cannot be reached.
-        """
-        envelope = self._envelope(
-            body, headers, properties, serializer, content_type, content_encoding, compression
-        )
-        if priority is not None:
-            envelope.properties["priority"] = priority
-
-        def send(transport: Transport) -> None:
-            self._declare(transport, declare)
-            if delay and not transport.supports_delay:
-                raise ImproperlyConfigured(
-                    f"{type(transport).__name__} cannot delay messages; keep the delay yourself"
-                )
-            transport.publish(envelope, exchange=exchange, routing_key=routing_key, delay=delay)
-
-        if retry:
-            self.connection.ensure(send, retry_policy)
-            return
-        if not self.connection.connected:
-            self.connection.connect()
-        send(self.connection.transport)
-
-    def _envelope(
-        self,
-        body: Any,
-        headers: Mapping[str, Any] | None,
-        properties: Mapping[str, Any] | None,
-        serializer: str | None,
-        content_type: str | None,
-        content_encoding: str | None,
-        compression: str | None,
-    ) -> Envelope:
-        if content_type is not None:
-            if isinstance(body, str):
-                content_encoding = content_encoding or "utf-8"
-                data = body.encode(content_encoding)
-            elif isinstance(body, bytes | bytearray | memoryview):
-                content_encoding = content_encoding or "binary"
-                data = bytes(body)
-            else:
-                raise EncodeError(
-                    f"with content_type={content_type!r} the body must be bytes or str, "
-                    f"not {type(body).__name__}"
-                )
-        else:
-            content_type, content_encoding, data = dumps(body, serializer or self.serializer)
-        all_headers = dict(headers or {})
-        method = compression or self.compression
-        if method:
-            data, all_headers["compression"] = compress(data, method)
-        return Envelope(
-            body=data,
-            content_type=content_type,
-            content_encoding=content_encoding,
-            headers=all_headers,
-            properties=dict(properties or {}),
-        )
-
-    def _declare(self, transport: Transport, queues: Sequence[Queue]) -> None:
-        if not queues:
-            return
-        done = self._declared.setdefault(transport, set())
-        for queue in queues:
-            if queue not in done:
-                transport.declare(queue)
-                done.add(queue)
 
 
 class Consumer:

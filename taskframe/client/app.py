@@ -20,30 +20,24 @@ import os
 import socket
 import sys
 import threading
-import uuid
 import warnings
-import weakref
 from collections.abc import Callable, Iterable, Sequence
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from typing import Any, Concatenate, Literal, ParamSpec, TypeVar, overload
 
-from taskframe import signals
 from taskframe.backends import create_backend, needs_task_call
 from taskframe.backends.base import Backend, BackendOptions
 from taskframe.client.builtins import register_builtins
 from taskframe.client.router import Router
+from taskframe.client.sending import SendOptions, compose, publish_task, seconds
 from taskframe.client.task import Task
 from taskframe.config import Settings
-from taskframe.context import current_request
 from taskframe.control.client import Control
 from taskframe.current import current_app, set_current_app
 from taskframe.defaults import EMBEDDED_BACKEND_URL, EMBEDDED_BROKER_URL
 from taskframe.errors import ImproperlyConfigured, NotRegistered
-from taskframe.events.sent import send_task_sent
-from taskframe.protocol import TaskMessage, encode_task
 from taskframe.result import AsyncResult
-from taskframe.transport import Connection, Envelope, dumps
-from taskframe.transport.serialization import compress
+from taskframe.transport import Connection, Producer
 
 __all__ = ["Celery", "Taskframe", "current_app", "shared_task"]
 
@@ -278,8 +272,8 @@ class Taskframe:
         return BackendOptions(
             serializer=c.result_serializer,
             accept=tuple(accept),
-            expires=_seconds(c.result_expires),
-            failure_expires=_seconds(c.result_failure_expires),
+            expires=seconds(c.result_expires),
+            failure_expires=seconds(c.result_failure_expires),
             extended=bool(c.result_extended),
             table_names=dict(c.database_table_names or {}),
             engine_options=dict(c.database_engine_options or {}),
@@ -319,10 +313,19 @@ class Taskframe:
                 interval_max=float(policy.get("interval_max", 1.0)),
             )
             self._local.connection = conn
-            self._local.declared = weakref.WeakKeyDictionary()
+            self._local.producer = Producer(conn)
             with self._lock:
                 self._connections.append(conn)
         return conn
+
+    def producer(self) -> Producer:
+        """This thread's producer, on ``producer_connection()``: every task is sent by it."""
+        producer: Producer | None = getattr(self._local, "producer", None)
+        if producer is None:
+            self.producer_connection()
+            producer = self._local.producer
+            assert producer is not None
+        return producer
 
     def _reset_clients(self) -> None:
         self._router = None
@@ -388,101 +391,32 @@ class Taskframe:
         """
         if task is None:
             task = self.tasks.get(name)
-        args = list(args or ())
-        kwargs = dict(kwargs or {})
-        task_id = task_id or str(uuid.uuid4())
-        now = datetime.now(UTC)
-        delay = _delay_seconds(countdown, eta, now)
-        if delay is not None and eta is None:
-            eta = now + timedelta(seconds=delay)
-        expires_at = _expires_at(expires if expires is not None else
-                                 (task.expires if task is not None else None), now)
-        if ignore_result is None and task is not None:
-            ignore_result = _resolve(task.ignore_result, self.conf.task_ignore_result)
-        if task is not None:
-            time_limit = time_limit if time_limit is not None else _resolve(
-                task.time_limit, self.conf.task_time_limit)
-            soft_time_limit = soft_time_limit if soft_time_limit is not None else _resolve(
-                task.soft_time_limit, self.conf.task_soft_time_limit)
-            priority = priority if priority is not None else task.priority
-        if priority is None:
-            priority = self.conf.task_default_priority
-        parent = current_request()
-        message = TaskMessage(
-            id=task_id, name=name, args=args, kwargs=kwargs, eta=eta, expires=expires_at,
-            retries=int(options.pop("retries", 0)),
-            group=options.pop("group_id", None), group_index=options.pop("group_index", None),
-            root_id=options.pop("root_id", None) or (parent.root_id or parent.id
-                                                     if parent and parent.id else task_id),
-            parent_id=options.pop("parent_id", None) or (parent.id if parent else None),
-            time_limit=time_limit, soft_time_limit=soft_time_limit, shadow=shadow,
-            origin=self.origin, ignore_result=ignore_result,
-            callbacks=_signatures(link), errbacks=_signatures(link_error),
-            chain=options.pop("chain", None), chord=options.pop("chord", None),
-            correlation_id=task_id, reply_to=options.pop("reply_to", None) or self.origin,
-            priority=priority, extra_headers=dict(headers or {}),
-            replaced_task_nesting=int(options.pop("replaced_task_nesting", None) or 0),
+        opts = SendOptions(
+            countdown=countdown, eta=eta, expires=expires, task_id=task_id, priority=priority,
+            headers=headers, link=link, link_error=link_error, serializer=serializer,
+            compression=compression, ignore_result=ignore_result, time_limit=time_limit,
+            soft_time_limit=soft_time_limit, shadow=shadow, **SendOptions.lineage(options),
+            routing=options,
         )
+        message, delay = compose(self, name, list(args or ()), dict(kwargs or {}), task, opts)
         if task is not None:
             for key in ("exchange", "routing_key"):
-                if options.get(key) is None and getattr(task, key, None) is not None:
-                    options[key] = getattr(task, key)
-        route = self.router.route(name, args, kwargs, options,
+                if opts.routing.get(key) is None and getattr(task, key, None) is not None:
+                    opts.routing[key] = getattr(task, key)
+        route = self.router.route(name, message.args, message.kwargs, opts.routing,
                                   task_queue=task.queue if task is not None else None)
-        if not ignore_result and needs_task_call(self.result_backend_url):
-            self.backend.on_task_call(task_id, message.reply_to)  # rpc: reply queue first
-        self._publish(message, route, delay, serializer=serializer or (
-            task.serializer if task is not None and task.serializer else None),
-            compression=compression or (task.compression if task is not None else None),
-            retry=options.pop("retry", None), retry_policy=options.pop("retry_policy", None))
-        if not ignore_result and self.result_backend_url is None and not self._warned_no_backend:
+        if not message.ignore_result and needs_task_call(self.result_backend_url):
+            self.backend.on_task_call(message.id, message.reply_to)  # rpc: reply queue first
+        publish_task(self, message, route, delay, opts, task)
+        if (not message.ignore_result and self.result_backend_url is None
+                and not self._warned_no_backend):
             self._warned_no_backend = True
             warnings.warn(
                 f"task {name!r} was sent but no result_backend is configured: its result "
                 "cannot be read. Set result_backend or ignore_result=True.",
                 RuntimeWarning, stacklevel=_user_stacklevel(),
             )
-        return AsyncResult(task_id, app=self, task_name=name)
-
-    def _publish(self, message: TaskMessage, route: Any, delay: float | None, *,
-                 serializer: str | None, compression: str | None, retry: bool | None,
-                 retry_policy: dict[str, Any] | None) -> None:
-        headers, properties, body = encode_task(message, utc=bool(self.conf.enable_utc))
-        signals.before_task_publish.send(
-            sender=message.name, body=body, exchange=route.exchange,
-            routing_key=route.routing_key, headers=headers, properties=properties,
-            declare=[route.queue], retry_policy=retry_policy,
-        )
-        content_type, encoding, data = dumps(body, serializer or self.conf.task_serializer)
-        compression = compression or self.conf.task_compression
-        if compression:
-            data, mime = compress(data, compression)
-            headers["compression"] = mime
-        properties["delivery_mode"] = _delivery_mode(self.conf.task_default_delivery_mode)
-        envelope = Envelope(data, content_type, encoding, headers, properties)
-        conn = self.producer_connection()
-        use_retry = self.conf.task_publish_retry if retry is None else retry
-        policy = {**self.conf.task_publish_retry_policy, **(retry_policy or {})}
-        if not use_retry:
-            policy["max_retries"] = 0
-
-        def publish(transport: Any) -> None:
-            # Declared once per transport: a reconnect brings a new transport, and the
-            # broker may have lost non-durable declarations with the old link.
-            declared = self._local.declared.setdefault(transport, set())
-            if route.queue.name not in declared:
-                transport.declare(route.queue)
-                declared.add(route.queue.name)
-            wait = bool(delay) and transport.can_delay(route.exchange, route.routing_key)
-            transport.publish(envelope, exchange=route.exchange, routing_key=route.routing_key,
-                              delay=delay if wait else None)
-
-        conn.ensure(publish, policy)
-        signals.after_task_publish.send(sender=message.name, body=body, headers=headers,
-                                        exchange=route.exchange, routing_key=route.routing_key)
-        if self.conf.task_send_sent_event:
-            send_task_sent(self, headers, queue=route.queue.name, exchange=route.exchange,
-                           routing_key=route.routing_key)
+        return AsyncResult(message.id, app=self, task_name=name)
 
     def AsyncResult(self, task_id: str, task_name: str | None = None) -> AsyncResult[Any]:
         """A result handle for ``task_id``."""
@@ -516,53 +450,10 @@ def _user_stacklevel() -> int:
     """The ``stacklevel`` that points a warning at the first frame outside taskframe."""
     frame = sys._getframe(1)
     level = 1
-    package_dir = os.path.dirname(os.path.abspath(__file__))
+    # taskframe/, not taskframe/client/: frames of the canvas or a task class are ours too.
+    package_dir = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(
             package_dir):
         frame = frame.f_back  # type: ignore[assignment]
         level += 1
     return level
-
-
-def _resolve(value: Any, default: Any) -> Any:
-    return default if value is None else value
-
-
-def _seconds(value: float | timedelta | None) -> float | None:
-    if value is None:
-        return None
-    if isinstance(value, timedelta):
-        return value.total_seconds()
-    return float(value)
-
-
-def _delay_seconds(countdown: float | timedelta | None, eta: datetime | None,
-                   now: datetime) -> float | None:
-    if countdown is not None:
-        return max(0.0, _seconds(countdown) or 0.0)
-    if eta is not None:
-        if eta.tzinfo is None:
-            eta = eta.replace(tzinfo=UTC)
-        return max(0.0, (eta - now).total_seconds())
-    return None
-
-
-def _expires_at(expires: float | timedelta | datetime | None, now: datetime) -> datetime | None:
-    if expires is None:
-        return None
-    if isinstance(expires, datetime):
-        return expires if expires.tzinfo else expires.replace(tzinfo=UTC)
-    return now + timedelta(seconds=_seconds(expires) or 0.0)
-
-
-def _signatures(value: Any) -> list[dict[str, Any]] | None:
-    if value is None:
-        return None
-    items = value if isinstance(value, list | tuple) else [value]
-    return [dict(item) for item in items]
-
-
-def _delivery_mode(value: Any) -> int:
-    if value in ("transient", 1):
-        return 1
-    return 2

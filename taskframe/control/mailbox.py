@@ -27,9 +27,9 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from taskframe.clock import LamportClock
-from taskframe.transport import Envelope, Exchange, Message, Queue
+from taskframe.transport import Exchange, Message, Queue
 from taskframe.transport.errors import PublishError, TransportError
-from taskframe.transport.serialization import dumps
+from taskframe.transport.producer import envelope_of, publish_on
 
 if TYPE_CHECKING:
     from taskframe.client.app import Taskframe
@@ -152,15 +152,14 @@ class Mailbox:
             return
         exchange = str(request.reply_to.get("exchange") or self.reply_exchange.name)
         routing_key = str(request.reply_to.get("routing_key") or "")
-        content_type, encoding, data = dumps(reply, "json")
-        envelope = Envelope(
-            body=data, content_type=content_type, content_encoding=encoding,
+        envelope = envelope_of(
+            reply, serializer="json",
             headers={"ticket": request.ticket, "clock": self.clock.forward()},
             properties={"delivery_mode": 1, "correlation_id": request.ticket},
         )
         transport.declare_exchange(Exchange(exchange, "direct", durable=False))
         try:
-            transport.publish(envelope, exchange=exchange, routing_key=routing_key)
+            publish_on(transport, envelope, exchange=exchange, routing_key=routing_key)
         except PublishError as exc:
             logger.debug("reply to %s dropped (client gone?): %s", routing_key, exc)
 
@@ -231,16 +230,15 @@ class Mailbox:
 
     def _publish_request(self, transport: Transport, request: ControlRequest,
                          timeout: float | None) -> bool:
-        content_type, encoding, data = dumps(request.to_body(), self.serializer)
-        envelope = Envelope(
-            body=data, content_type=content_type, content_encoding=encoding,
+        envelope = envelope_of(
+            request.to_body(), serializer=self.serializer,
             headers={"clock": self.clock.forward(),
                      "expires": time.time() + timeout if timeout else 0},
             properties={"delivery_mode": 2},
         )
         transport.declare_exchange(self.exchange)
         try:
-            transport.publish(envelope, exchange=self.exchange.name, routing_key="")
+            publish_on(transport, envelope, exchange=self.exchange.name, routing_key="")
         except PublishError as exc:
             # AMQP returns a request no queue is bound for: no node is listening.
             logger.debug("control request %s reached no node: %s", request.method, exc)

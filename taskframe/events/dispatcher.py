@@ -37,14 +37,14 @@ from taskframe.events.event import (
     make_event,
     routing_key_for,
 )
-from taskframe.transport import Connection, Envelope, Exchange, Transport
+from taskframe.transport import Connection, Exchange, Transport
 from taskframe.transport.errors import (
     ConnectionLost,
     PublishError,
     SerializationError,
     TransportError,
 )
-from taskframe.transport.serialization import dumps
+from taskframe.transport.producer import envelope_of, publish_on
 
 if TYPE_CHECKING:
     from taskframe.client.app import Taskframe
@@ -316,21 +316,20 @@ class EventDispatcher:
 
     def _publish(self, routing_key: str, body: Any) -> None:
         try:
-            content_type, encoding, data = dumps(body, self.serializer)
+            envelope = envelope_of(body, serializer=self.serializer, headers=self.headers,
+                                   properties={"delivery_mode": 1})
         except SerializationError as exc:
             logger.error("events: dropped an event that cannot be serialized: %s", exc)
             return
-        envelope = Envelope(data, content_type, encoding, dict(self.headers),
-                            {"delivery_mode": 1})
         try:
             try:
-                self._transport().publish(envelope, exchange=self.exchange.name,
-                                          routing_key=routing_key)
+                publish_on(self._transport(), envelope, exchange=self.exchange.name,
+                           routing_key=routing_key)
             except ConnectionLost:
                 # An idle link the broker dropped (missed heartbeats): reconnect once now.
                 self.connection.close()
-                self._transport().publish(envelope, exchange=self.exchange.name,
-                                          routing_key=routing_key)
+                publish_on(self._transport(), envelope, exchange=self.exchange.name,
+                           routing_key=routing_key)
         except PublishError as exc:
             # Nobody bound (no monitor running): AMQP returns the message. Not an error.
             logger.debug("events: %s not delivered: %s", routing_key, exc)

@@ -38,6 +38,7 @@ from taskframe.protocol import decode_message
 from taskframe.transport import Connection, Message, Queue
 from taskframe.transport.base import MessageState
 from taskframe.transport.errors import BrokerConnectionError, ConnectionLost
+from taskframe.transport.producer import publish_on
 from taskframe.worker.ratelimit import RateLimits
 from taskframe.worker.request import Request
 
@@ -428,8 +429,8 @@ class Consumer:
     def _defer(self, request: Request, delay: float) -> None:
         """Give a far-future ETA message back to the broker, delayed; then ack the original."""
         exchange, routing_key = _origin(request.message)
-        self.connection.transport.publish(request.message.to_envelope(), exchange=exchange,
-                                          routing_key=routing_key, delay=delay)
+        publish_on(self.connection.transport, request.message.to_envelope(),
+                   exchange=exchange, routing_key=routing_key, delay=delay)
         self._settle(request, ACK)
 
     # -- running ----------------------------------------------------------------------
