@@ -208,13 +208,7 @@ class Mailbox:
         if not connection.connected:
             connection.connect()
         transport = connection.transport
-        reply_queue = None
-        if reply:
-            oid = oid or uuid.uuid4().hex
-            reply_queue = self.reply_queue(oid)
-            request.ticket = str(uuid.uuid4())
-            request.reply_to = {"exchange": self.reply_exchange.name, "routing_key": oid}
-            transport.consume([reply_queue], prefetch_count=0)
+        reply_queue = self._listen(transport, request, oid) if reply else None
         try:
             if not self._publish_request(transport, request, timeout):
                 return []
@@ -227,6 +221,16 @@ class Mailbox:
                     transport.cancel(reply_queue.name)
                 except TransportError as exc:
                     logger.debug("cancelling %s: %s", reply_queue.name, exc)
+
+    def _listen(self, transport: Transport, request: ControlRequest, oid: str | None) -> Queue:
+        """Consume the reply queue of client ``oid`` (a new one when None); address replies
+        of ``request`` to it."""
+        oid = oid or uuid.uuid4().hex
+        reply_queue = self.reply_queue(oid)
+        request.ticket = str(uuid.uuid4())
+        request.reply_to = {"exchange": self.reply_exchange.name, "routing_key": oid}
+        transport.consume([reply_queue], prefetch_count=0)
+        return reply_queue
 
     def _publish_request(self, transport: Transport, request: ControlRequest,
                          timeout: float | None) -> bool:
