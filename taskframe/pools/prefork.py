@@ -29,8 +29,10 @@ replacements from a thread of the running worker, which deadlocks children when
 another thread was inside SQLite (the embedded broker) at that instant. Here
 children come from a fork server started with the pool (``_prefork_zygote``);
 each has its own pipe pair (``multiprocessing.connection.Connection``), and one
-parent thread, the supervisor, waits on all of them, so the consumer thread
-never blocks on a child.
+parent thread, the supervisor (``_prefork_supervisor``: child lifecycle, time
+limits), waits on all of them, so the consumer thread never blocks on a child.
+This module holds the pool interface: starting and stopping, job dispatch (an
+idle child, or the backlog), abort, terminate and the pool's size.
 """
 
 from __future__ import annotations
@@ -44,25 +46,12 @@ import signal
 import threading
 import time
 from collections.abc import Callable, Sequence
-from multiprocessing.connection import Connection, wait
 from typing import TYPE_CHECKING, Any
 
 from taskframe.errors import ImproperlyConfigured
-from taskframe.pools._prefork_child import (
-    ChildOptions,
-    JobSpec,
-    WireOutcome,
-    job_spec,
-)
-from taskframe.pools._prefork_outcomes import (
-    human_status,
-    make_outcome,
-    signame,
-    terminated,
-    timed_out,
-    worker_lost,
-)
-from taskframe.pools._prefork_wire import Inbox
+from taskframe.pools._prefork_child import ChildOptions, job_spec
+from taskframe.pools._prefork_outcomes import signame, terminated
+from taskframe.pools._prefork_supervisor import Child, Supervisor, send_signal
 from taskframe.pools._prefork_zygote import Zygote
 from taskframe.pools.base import Pool, TaskJob
 
@@ -77,36 +66,7 @@ logger = logging.getLogger("taskframe.pools.prefork")
 TERM_GRACE = 1.0
 
 
-class _Child:
-    """The parent's view of one child process."""
-
-    def __init__(self, index: int, pid: int, conn: Connection, control: Connection,
-                 zygote: Zygote) -> None:
-        self.index = index
-        self.pid = pid
-        self.name = f"ForkPoolWorker-{index}"
-        self.conn = conn
-        self.inbox = Inbox(conn)  # reads what the child sends on ``conn``
-        self.control = control
-        self.zygote = zygote  # the server that forked it (and reports its exit)
-        self.eof = False  # its pipe closed: it is dead or dying
-        self.send_lock = threading.Lock()
-        self.seq = 0
-        self.job: TaskJob | None = None
-        self.started: float | None = None  # monotonic, when the child took the job
-        self.soft_sent = False
-        self.retiring = False  # takes no more jobs; not replaced on exit
-        self.terminated: int | None = None  # the signal terminate() sent
-
-    def send(self, message: JobSpec | None) -> None:
-        with self.send_lock:
-            self.conn.send(message)
-
-    def __repr__(self) -> str:
-        return f"<child {self.name} pid:{self.pid}>"
-
-
-class PreforkPool(Pool):
+class PreforkPool(Supervisor, Pool):
     """Child processes, each running one job at a time."""
 
     name = "prefork"
@@ -124,7 +84,7 @@ class PreforkPool(Pool):
         self._zygote: Zygote | None = None
         self._pending = 0  # forks asked of the server, not arrived yet
         self._hook_error: str | None = None  # a worker start hook failed in a child
-        self._children: list[_Child] = []
+        self._children: list[Child] = []
         self._backlog: collections.deque[tuple[int, TaskJob]] = collections.deque()
         self._lock = threading.RLock()
         self._changed = threading.Condition(self._lock)
@@ -196,7 +156,7 @@ class PreforkPool(Pool):
         with self._lock:
             pids = [c.pid for c in self._children]
         for pid in pids:
-            _kill(pid, signum)
+            send_signal(pid, signum)
 
     # -- jobs ---------------------------------------------------------------------------
 
@@ -230,17 +190,17 @@ class PreforkPool(Pool):
             self._assign(child, seq, job)
         self._send_job(child, seq, job)
 
-    def _idle_child(self) -> _Child | None:
+    def _idle_child(self) -> Child | None:
         for child in self._children:
             if child.job is None and not child.retiring:
                 return child
         return None
 
-    def _assign(self, child: _Child, seq: int, job: TaskJob) -> None:
+    def _assign(self, child: Child, seq: int, job: TaskJob) -> None:
         child.seq, child.job = seq, job
         child.started, child.soft_sent, child.terminated = time.monotonic(), False, None
 
-    def _send_job(self, child: _Child, seq: int, job: TaskJob) -> None:
+    def _send_job(self, child: Child, seq: int, job: TaskJob) -> None:
         # The job counts as accepted when it is written to an idle child (which
         # reads nothing else), not when the child says so: cProfile of a no-op drain
         # showed the parent's two threads trading the GIL around every pipe read and
@@ -273,7 +233,7 @@ class PreforkPool(Pool):
                 self._assign(child, seq, job)
             self._send_job(child, seq, job)
 
-    def _running(self, job: TaskJob) -> _Child | None:
+    def _running(self, job: TaskJob) -> Child | None:
         for child in self._children:
             if child.job is job:
                 return child
@@ -310,7 +270,7 @@ class PreforkPool(Pool):
             return False
         logger.info("terminating %s[%s] in %r with %s", job.task.name, job.id, child,
                     signame(signum))
-        _kill(child.pid, signum)
+        send_signal(child.pid, signum)
         return True
 
     # -- pool size ----------------------------------------------------------------------
@@ -332,13 +292,6 @@ class PreforkPool(Pool):
             for child in live[:n]:
                 self._retire(child)
 
-    def _retire(self, child: _Child) -> None:
-        """No more jobs for ``child``; an idle one is told to exit now (lock held)."""
-        child.retiring = True
-        if child.job is None:
-            with contextlib.suppress(OSError):  # already gone
-                child.send(None)
-
     def run_hooks(self, hooks: Sequence[Callable[[], Any]]) -> None:
         """Nothing runs here: each child runs the app's worker start hooks when it starts
         and its stop hooks when it ends, since that is where tasks use the resources.
@@ -350,19 +303,6 @@ class PreforkPool(Pool):
         if hooks is self._app.worker_start_hooks and self._hook_error:
             raise RuntimeError(f"a worker start hook failed in a prefork child: "
                                f"{self._hook_error}")
-
-    def _maintain(self) -> None:
-        """Ask the server for children until ``concurrency`` take jobs (lock held)."""
-        if self._stopping or self._zygote is None or self._hook_error:
-            return
-        live = sum(1 for c in self._children if not c.retiring) + self._pending
-        for _ in range(self.concurrency - live):
-            try:
-                self._zygote.fork(next(self._index))
-            except OSError as exc:  # the server died: the supervisor restarts it
-                logger.error("cannot reach the prefork fork server: %s", exc)
-                return
-            self._pending += 1
 
     # -- stats --------------------------------------------------------------------------
 
@@ -383,184 +323,3 @@ class PreforkPool(Pool):
         info.update({"max-tasks-per-child": self.max_tasks_per_child or "N/A",
                      "max-memory-per-child": self.max_memory_per_child or "N/A"})
         return info
-
-    # -- the supervisor thread -----------------------------------------------------------
-
-    def _wake(self) -> None:
-        with contextlib.suppress(OSError):  # full (a wake-up is pending anyway) or closed
-            os.write(self._wake_w, b"x")
-
-    def _supervise(self) -> None:
-        while True:
-            with self._lock:
-                if self._closed:
-                    return
-                children = list(self._children)
-                timeout = self._next_deadline()
-                zygote = self._zygote
-            assert zygote is not None
-            by_conn = {c.conn: c for c in children if not (c.eof or c.conn.closed)}
-            try:
-                ready = wait([self._wake_r, zygote.sock, *by_conn], timeout)
-            except OSError:
-                continue  # a child's fd was closed under us: look again
-            if self._wake_r in ready:
-                os.read(self._wake_r, 512)
-            for obj in ready:
-                if isinstance(obj, Connection) and obj in by_conn:
-                    self._drain(by_conn[obj], ready=True)
-            if zygote.sock in ready:
-                self._on_server_events(zygote.read())
-            self._check_limits()
-            self._dispatch_backlog()
-
-    def _on_server_events(self, events: list[tuple[Any, ...]]) -> None:
-        for event in events:
-            if event[0] == "forked":
-                self._on_forked(*event[1:])
-            elif event[0] == "exited":
-                with self._lock:
-                    found = [c for c in self._children if c.pid == event[1]]
-                if found:
-                    self._on_exit(found[0], event[2])
-            elif event[0] == "gone":
-                self._on_server_gone()
-
-    def _on_forked(self, index: int, pid: int, conn: Connection, control: Connection) -> None:
-        assert self._zygote is not None
-        child = _Child(index, pid, conn, control, self._zygote)
-        with self._lock:
-            self._pending = max(0, self._pending - 1)
-            self._children.append(child)
-            if self._stopping:
-                self._retire(child)
-            self._changed.notify_all()
-        self._dispatch_backlog()
-
-    def _on_server_gone(self) -> None:
-        """The fork server died (killed by hand?): start another, from here."""
-        with self._lock:
-            old, self._pending = self._zygote, 0
-            if self._stopping or old is None:
-                return
-            logger.critical("the prefork fork server (pid %d) died: starting a new one", old.pid)
-            old.close(timeout=0.1)
-            self._zygote = Zygote(self._app, old.options)
-            orphans = [c for c in self._children if c.eof]
-            self._maintain()
-        for child in orphans:  # their exits were the old server's to report
-            self._on_exit(child, None)
-
-    def _next_deadline(self) -> float:
-        now, timeout = time.monotonic(), 1.0
-        for child in self._children:
-            job = child.job
-            if job is None or child.started is None:
-                continue
-            if job.soft_time_limit and not child.soft_sent:
-                timeout = min(timeout, child.started + job.soft_time_limit - now)
-            if job.time_limit:
-                timeout = min(timeout, child.started + job.time_limit - now)
-        return max(timeout, 0.0)
-
-    def _drain(self, child: _Child, *, block: bool = False, ready: bool = False) -> None:
-        """Handle every message ``child`` has written (and wait for one with ``block``).
-
-        ``ready``: ``wait()`` just said the pipe is readable; one read then, and what
-        comes after it wakes the next ``wait()`` (no extra ``poll()`` per message).
-        """
-        while True:
-            try:
-                if child.conn.closed or not (block or ready or child.conn.poll()):
-                    return
-                frames = child.inbox.receive()
-            except (EOFError, OSError):
-                child.eof = True  # it died: the server reports how
-                if child.zygote is not self._zygote:
-                    self._on_exit(child, None)  # ... unless that server is gone
-                return
-            for frame in frames:
-                try:
-                    message = child.inbox.load(frame)
-                except Exception:
-                    logger.exception("unreadable message from %r", child)
-                    continue
-                if message[0] == "ready" and message[1] is not None:
-                    with self._lock:  # it exits: no more children while the hook fails
-                        self._hook_error = str(message[1])
-                        child.retiring = True
-                elif message[0] == "done":
-                    self._on_done(child, *message[1:])  # type: ignore[arg-type]
-            if frames:
-                block = False
-            if ready:
-                return
-
-    def _on_done(self, child: _Child, seq: int, wire: WireOutcome, recycle: str | None) -> None:
-        with self._lock:
-            if child.seq != seq or child.job is None:
-                return  # reported already (hard time limit)
-            job, child.job = child.job, None
-            if recycle is not None:
-                child.retiring = True  # it exits by itself
-            elif child.retiring:
-                self._retire(child)  # shrink, stop or a terminate it survived
-            self._maintain()
-        self._dispatch_backlog()  # the next job first: the child is idle meanwhile
-        job.on_done(job, make_outcome(wire.state, wire.retval, wire.traceback, wire.requeue))
-
-    def _on_exit(self, child: _Child, exitcode: int | None) -> None:
-        """A child process ended: report its job if any, replace it."""
-        if not child.eof:
-            self._drain(child)
-        with self._lock:
-            if child not in self._children:
-                return
-            self._children.remove(child)
-            job, child.job = child.job, None
-            expected = child.retiring or self._stopping
-            self._maintain()
-            self._changed.notify_all()
-        child.conn.close()
-        child.control.close()
-        if not expected or job is not None:
-            logger.error("Process %r pid:%d exited with %r", child.name, child.pid,
-                         human_status(exitcode))
-        if job is None:
-            return
-        if child.terminated is not None:
-            outcome = terminated(job, self._app)
-        else:
-            outcome = worker_lost(job, self._app, seq=child.seq, exitcode=exitcode,
-                                  stopping=self._stopping)
-        job.on_done(job, outcome)
-
-    def _check_limits(self) -> None:
-        now = time.monotonic()
-        expired: list[tuple[_Child, TaskJob]] = []
-        with self._lock:
-            for child in self._children:
-                job = child.job
-                if job is None or child.started is None:
-                    continue
-                elapsed = now - child.started
-                if job.time_limit and elapsed >= job.time_limit:
-                    child.job = None
-                    child.retiring = True
-                    expired.append((child, job))
-                elif job.soft_time_limit and not child.soft_sent \
-                        and elapsed >= job.soft_time_limit:
-                    child.soft_sent = True
-                    logger.warning("Soft time limit (%ss) exceeded for %s[%s]",
-                                   job.soft_time_limit, job.task.name, job.id)
-                    _kill(child.pid, signal.SIGUSR1)
-            if expired:
-                self._maintain()
-        for child, job in expired:
-            _kill(child.pid, signal.SIGKILL)
-            job.on_done(job, timed_out(job, self._app))
-
-
-def _kill(pid: int, signum: int) -> None:
-    with contextlib.suppress(ProcessLookupError, PermissionError):  # already gone
-        os.kill(pid, signum)

@@ -9,12 +9,23 @@ One loop, in the worker's main thread:
 
 Pool threads never touch the connection: they put ``(request, action)`` on a
 thread-safe queue that the loop drains (py-amqp channels are not thread-safe).
+
+``Consumer`` holds the state and runs the loop, the pool's slots and shutdown.
+Its other parts are mixin bases, one module each; they work on the same state,
+and the loop reaches them by plain method calls on ``self`` (nothing more per
+message than when they were all written here):
+
+- ``_consumer_intake.Intake``: a received message decoded into a reserved
+  ``Request``, or rejected (undecodable, unknown task), or skipped (expired, revoked);
+- ``_consumer_timers.Timers``: ETA timers, rate-limit holds, far-future ETAs
+  given back to the broker;
+- ``_consumer_settle.Settling``: acks, rejects and requeues; what pool threads report;
+- ``_consumer_reconnect.Reconnection``: consuming, and again after connection loss.
 """
 
 from __future__ import annotations
 
 import collections
-import contextlib
 import heapq
 import itertools
 import logging
@@ -24,42 +35,33 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from taskframe import signals, states
-from taskframe.errors import (
-    ContentDisallowed,
-    DecodeError,
-    InvalidTaskError,
-    NotRegistered,
-    TransportError,
-)
-from taskframe.execution.outcome import Outcome
+from taskframe.errors import TransportError
 from taskframe.pools.base import TaskJob
-from taskframe.protocol import decode_message
-from taskframe.transport import Connection, Message, Queue
-from taskframe.transport.base import MessageState
 from taskframe.transport.errors import BrokerConnectionError, ConnectionLost
-from taskframe.transport.producer import publish_on
+from taskframe.worker._consumer_intake import Intake
+from taskframe.worker._consumer_reconnect import Reconnection
+from taskframe.worker._consumer_settle import REQUEUE, Settling
+from taskframe.worker._consumer_timers import Timers
 from taskframe.worker.ratelimit import RateLimits
-from taskframe.worker.request import Request
 
 if TYPE_CHECKING:
     from taskframe.client.app import Taskframe
     from taskframe.control.revoked import RevokedSet
     from taskframe.pools.base import Pool
+    from taskframe.transport import Connection, Queue
+    from taskframe.worker.request import Request
 
 __all__ = ["Consumer"]
 
 logger = logging.getLogger("taskframe.worker.consumer")
 
-# Messages due within this many seconds wait in memory; later ones go back to a
-# broker that can delay them, so the worker never sits on far-future ETAs.
-LOCAL_ETA_WINDOW = 2.0
 
-ACK, REJECT, REQUEUE, DONE = "ack", "reject", "requeue", "done"
+class Consumer(Intake, Timers, Settling, Reconnection):
+    """Receives task messages, hands them to the pool, settles them.
 
-
-class Consumer:
-    """Receives task messages, hands them to the pool, settles them."""
+    The bases are parts of this one object (see the module docstring), not components
+    of their own: they share the state set up here, each listing the part it uses.
+    """
 
     def __init__(self, app: Taskframe, connection: Connection, queues: list[Queue], pool: Pool,
                  *, hostname: str, prefetch_count: int) -> None:
@@ -98,15 +100,7 @@ class Consumer:
         self.calls: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
         self._acks: list[Request] = []  # reported by the pool, not sent yet
 
-    # -- setup ------------------------------------------------------------------------
-
-    def start_consuming(self) -> None:
-        """Declare the queues and start receiving from them."""
-        transport = self.connection.transport
-        for q in self.queues:
-            transport.declare(q)
-        self._qos = self.prefetch_count
-        transport.consume(self.queues, prefetch_count=self.prefetch_count)
+    # -- stopping ---------------------------------------------------------------------
 
     def stop(self) -> None:
         """Ask the loop to return (warm shutdown); safe from any thread or signal handler."""
@@ -214,197 +208,6 @@ class Consumer:
         self.settle_completions(item, flush=flush)
         return True
 
-    def settle_completions(self, first: tuple[Request, str] | None = None, *,
-                           flush: bool = True) -> None:
-        """Apply every action the pool reported; acks go to the broker in one batch.
-
-        Args:
-            first: an action already taken off the queue, applied with the rest.
-            flush: send the acks now; otherwise they wait for ``_flush_acks`` (the
-                loop's next poll). A delayed ack never loses a message: at worst a
-                crash in between runs it again, as with a late ack.
-        """
-        acks = self._acks
-        if first is not None:
-            if first[1] == ACK:
-                acks.append(first[0])
-            else:
-                self._settle(*first)
-        while True:
-            try:
-                request, action = self.completions.get_nowait()
-            except queue.Empty:
-                break
-            if action == ACK:
-                acks.append(request)
-            else:
-                self._settle(request, action)
-        if flush:
-            self._flush_acks()
-
-    def _flush_acks(self) -> None:
-        if self._acks:
-            acks, self._acks = self._acks, []
-            self._ack_batch(acks)
-
-    def _ack_batch(self, requests: list[Request]) -> None:
-        transport = self.connection.transport
-        current = [r for r in requests
-                   if not r.message.settled and r.message.transport is transport]
-        for request in requests:
-            if request not in current:
-                self._settle(request, ACK)  # stale or settled: handled one by one
-        if not current:
-            return
-        try:
-            transport.ack_many([r.message for r in current])
-        except ConnectionLost:
-            raise
-        except TransportError as exc:
-            logger.warning("could not ack %d message(s) at once (%s): one by one", len(current),
-                           exc)
-            for request in current:
-                self._settle(request, ACK)
-            return
-        self.held -= len(current)
-
-    def report(self, request: Request, action: str) -> None:
-        """Called by jobs (any thread): settle now on the loop's thread, else queue it.
-
-        An ack reported on the loop's thread (a pool that accepts a job as it is
-        submitted, like prefork) joins the next batch instead of costing a round trip.
-        """
-        if threading.current_thread() is self._thread:
-            if action == ACK:
-                self._acks.append(request)
-            else:
-                self._settle(request, action)
-        else:
-            self.completions.put((request, action))
-
-    def _settle(self, request: Request, action: str) -> None:
-        if action == DONE:
-            self.running -= 1
-            self.processed += 1
-            return
-        message = request.message
-        if message.settled:
-            return
-        if message.transport is not self.connection.transport:
-            # Received on a connection that has since dropped: the broker gives the
-            # message back by itself, so settling it here would be wrong or impossible.
-            # (``_reconnect`` already took it out of ``held``.)
-            logger.info("not settling %r: its connection was lost", request)
-            message.state = MessageState.LOST
-            return
-        try:
-            if action == ACK:
-                message.ack()
-            elif action == REQUEUE:
-                message.reject(requeue=True)
-            else:
-                message.reject(requeue=False)
-        except TransportError as exc:
-            logger.warning("could not %s %r: %s", action, request, exc)
-        self.held -= 1
-
-    # -- receiving --------------------------------------------------------------------
-
-    def on_message(self, message: Message) -> None:
-        """Decode, validate and reserve one message (or reject it with one log line)."""
-        try:
-            tm = decode_message(message, self.accept)
-        except ContentDisallowed as exc:
-            return self._discard(message, f"content type refused ({exc}); accept_content is "
-                                 f"{list(self.accept)}")
-        except DecodeError as exc:
-            return self._discard(message, f"body cannot be decoded: {exc}")
-        except InvalidTaskError as exc:
-            return self._discard(message, f"invalid task message: {exc}")
-        task = self.app.tasks.get(tm.name)
-        if task is None:
-            return self._unknown_task(message, tm.name, tm.id)
-        acks_late = task.acks_late if task.acks_late is not None else self.app.conf.task_acks_late
-        request = Request(message, tm, task, hostname=self.hostname, acks_late=bool(acks_late))
-        logger.info("Task %s[%s] received", request.name, request.id)
-        signals.task_received.send(sender=self, request=request.context)
-        if request.expired():
-            return self._revoke_expired(request)
-        if self._is_revoked(request):
-            return self._discard_revoked(request)
-        delay = request.eta_delay()
-        if delay > LOCAL_ETA_WINDOW and self._can_defer(message):
-            return self._defer(request, delay)
-        if delay > 0:
-            heapq.heappush(self.timers, (time.monotonic() + delay, next(self._seq), request))
-            return None
-        self.reserved.append(request)
-        self._start_reserved()
-        return None
-
-    def _discard(self, message: Message, reason: str) -> None:
-        logger.error(
-            "Rejected message (delivery_tag=%r, routing_key=%r, content_type=%r, headers=%r): %s",
-            message.delivery_tag, message.delivery_info.get("routing_key"),
-            message.content_type, {k: message.headers.get(k) for k in ("id", "task")}, reason,
-        )
-        self._settle_message(message, requeue=False)
-
-    def _settle_message(self, message: Message, *, requeue: bool) -> None:
-        try:
-            message.reject(requeue=requeue)
-        except TransportError as exc:
-            logger.warning("could not reject %r: %s", message, exc)
-        self.held -= 1
-
-    def _unknown_task(self, message: Message, name: str, task_id: str) -> None:
-        logger.error(
-            "Received unregistered task of type %r (id %s): rejected. Is the module that "
-            "defines it imported by the worker (-A, include, imports)?", name, task_id,
-        )
-        exc = NotRegistered(name)
-        signals.task_unknown.send(sender=self, name=name, id=task_id, message=message, exc=exc)
-        if self.app.result_backend_url is not None:
-            try:
-                self.app.backend.mark_as_failure(task_id, exc)
-            except Exception:
-                logger.exception("could not store NotRegistered for %s", task_id)
-        self._settle_message(message, requeue=False)
-
-    def _revoke_expired(self, request: Request) -> None:
-        logger.info("Task %s[%s] expired: not run", request.name, request.id)
-        if not request.context.ignore_result and self.app.result_backend_url is not None:
-            self.app.backend.mark_as_revoked(request.id, "expired")
-        if self.app.result_backend_url is not None:  # a chord header part still counts
-            from taskframe.canvas.chord_completion import on_revoked
-
-            on_revoked(request.task, request.context, "expired")
-        signals.task_revoked.send(sender=request.task, request=request.context,
-                                  terminated=False, signum=None, expired=True)
-        self._settle(request, ACK)
-
-    def _is_revoked(self, request: Request) -> bool:
-        revoked = self.revoked
-        if revoked is None:
-            return False
-        return request.id in revoked or revoked.matches_stamps(request.context.stamps)
-
-    def _discard_revoked(self, request: Request) -> None:
-        """Skip a revoked task: store REVOKED (never over a result), signal, ack."""
-        logger.info("Discarding revoked task: %s[%s]", request.name, request.id)
-        if self.app.result_backend_url is not None:
-            from taskframe.canvas.chord_completion import on_revoked
-
-            try:
-                if not request.context.ignore_result:
-                    self.app.backend.mark_as_revoked(request.id, "revoked")
-                on_revoked(request.task, request.context, "revoked")  # a chord part counts
-            except Exception as exc:
-                logger.warning("could not store REVOKED for %s: %r", request.id, exc)
-        signals.task_revoked.send(sender=request.task, request=request.context,
-                                  terminated=False, signum=None, expired=False)
-        self._settle(request, ACK)
-
     def call_soon(self, fn: Callable[[], None]) -> None:
         """Run ``fn`` on the loop's thread at its next turn (safe from any thread)."""
         self.calls.put(fn)
@@ -422,25 +225,7 @@ class Consumer:
             except Exception:
                 logger.exception("a call handed to the consumer loop failed")
 
-    def _can_defer(self, message: Message) -> bool:
-        exchange, routing_key = _origin(message)
-        return bool(routing_key) and self.connection.transport.can_delay(exchange, routing_key)
-
-    def _defer(self, request: Request, delay: float) -> None:
-        """Give a far-future ETA message back to the broker, delayed; then ack the original."""
-        exchange, routing_key = _origin(request.message)
-        publish_on(self.connection.transport, request.message.to_envelope(),
-                   exchange=exchange, routing_key=routing_key, delay=delay)
-        self._settle(request, ACK)
-
-    # -- running ----------------------------------------------------------------------
-
-    def _start_due_timers(self) -> None:
-        now = time.monotonic()
-        for heap in (self.timers, self.limited):
-            while heap and heap[0][0] <= now:
-                _, _, request = heapq.heappop(heap)
-                self.reserved.append(request)
+    # -- the pool's slots -------------------------------------------------------------
 
     def _start_reserved(self) -> None:
         capacity = self._capacity()
@@ -488,26 +273,6 @@ class Consumer:
             requests.append(request)
         return requests
 
-    def _rate_limit_wait(self, request: Request) -> float:
-        if self.disable_rate_limits:
-            return 0.0
-        task = request.task
-        default = task.rate_limit if task.rate_limit is not None \
-            else self.app.conf.task_default_rate_limit
-        return self.rate_limits.delay(task.name, default)
-
-    def set_rate_limit(self, task_name: str, limit: str | float | None) -> None:
-        """Change a task's rate limit now (control ``rate_limit``); None or 0 removes it.
-
-        Runs of that task waiting for a token are looked at again under the new limit.
-        """
-        self.rate_limits.set(task_name, limit)
-        waiting = [entry for entry in self.limited if entry[2].task.name == task_name]
-        if waiting:
-            self.limited = [entry for entry in self.limited if entry[2].task.name != task_name]
-            heapq.heapify(self.limited)
-            self.reserved.extend(request for _, _, request in sorted(waiting))
-
     def _job(self, request: Request) -> TaskJob:
         task, conf, tm = request.task, self.app.conf, request.tm
         hard = _first(tm.time_limit, task.time_limit, conf.task_time_limit)
@@ -516,37 +281,6 @@ class Consumer:
                        on_accepted=self._on_accepted, on_done=self._on_done,
                        time_limit=hard, soft_time_limit=soft, request=request)
 
-    def _on_accepted(self, job: TaskJob) -> None:
-        """A pool slot took the job (any thread): early acks go now."""
-        request: Request = job.request
-        request.started = True
-        with self._totals_lock:
-            self.totals[request.task.name] += 1
-        if not request.acks_late:
-            self.report(request, ACK)
-
-    def total_counts(self) -> dict[str, int]:
-        """Tasks accepted so far, by name (a copy; safe from any thread)."""
-        with self._totals_lock:
-            return dict(self.totals)
-
-    def _on_done(self, job: TaskJob, outcome: Outcome) -> None:
-        """The job ended (any thread): settle late acks, free the slot."""
-        request: Request = job.request
-        if outcome.state == states.REVOKED and self._store_results():  # terminated
-            from taskframe.canvas.chord_completion import on_revoked
-
-            on_revoked(job.task, job.context, "terminated")
-        try:
-            if request.acks_late:
-                self.report(request, self._late_action(request, outcome))
-            elif outcome.state == states.REJECTED and outcome.requeue:
-                logger.warning("%r asked to requeue but was acked early", request)
-        finally:
-            if self.active.get(request.id) is request:
-                del self.active[request.id]
-            self.report(request, DONE)
-
     def abort_running(self, reason: str) -> int:
         """Ask every running task to stop (``request.should_abort()``); return how many."""
         running = [r.job for r in list(self.active.values()) if r.job is not None]
@@ -554,44 +288,7 @@ class Consumer:
             self.pool.abort(job, reason)
         return len(running)
 
-    def _store_results(self) -> bool:
-        return self.app.result_backend_url is not None
-
-    def _late_action(self, request: Request, outcome: Outcome) -> str:
-        if outcome.state == states.REJECTED:
-            return REQUEUE if outcome.requeue else REJECT
-        if outcome.state == states.FAILURE:
-            task = request.task
-            ack = task.acks_on_failure_or_timeout
-            if ack is None:
-                ack = self.app.conf.task_acks_on_failure_or_timeout
-            return ACK if ack else REJECT
-        return ACK
-
-    # -- reconnection and shutdown ----------------------------------------------------
-
-    def _reconnect(self, exc: Exception) -> None:
-        logger.error("Connection to broker lost: %s. Reconnecting...", exc)
-        # Messages received on the dropped connection come back from the broker: forget
-        # them (running tasks still finish; their late acks are skipped).
-        pending = self._take_back() + [r for _, _, r in self.timers + self.limited] \
-            + list(self.reserved) + list(self.active.values())
-        for request in pending:
-            if not request.message.settled:
-                request.message.state = MessageState.LOST
-        self.held = 0
-        self.timers.clear()
-        self.limited.clear()
-        self.reserved.clear()
-        with contextlib.suppress(TransportError):
-            self.connection.close()
-        self.connection.ensure_connection(
-            max_retries=self.app.conf.broker_connection_max_retries,
-            on_error=lambda err, wait: logger.warning(
-                "Broker unreachable: %s. Trying again in %.1f s", err, wait),
-        )
-        self.start_consuming()
-        logger.info("Reconnected to %s", self.connection.safe_url())
+    # -- shutdown ---------------------------------------------------------------------
 
     def give_back_reserved(self) -> int:
         """Requeue every message received but not started (shutdown); return how many."""
@@ -623,19 +320,6 @@ class Consumer:
         return {"held": self.held, "running": self.running, "reserved": len(self.reserved),
                 "scheduled": len(self.timers), "rate_limited": len(self.limited),
                 "processed": self.processed}
-
-
-def _origin(message: Message) -> tuple[str, str]:
-    """Where to send a message again so it reaches the queue it came from.
-
-    The queue itself through the default exchange when the transport says which
-    queue it was; otherwise the exchange and routing key it was published with.
-    """
-    info = message.delivery_info
-    queue = info.get("queue")
-    if queue:
-        return "", str(queue)
-    return str(info.get("exchange") or ""), str(info.get("routing_key") or "")
 
 
 def _first(*values: float | None) -> float | None:

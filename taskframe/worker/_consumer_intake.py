@@ -1,0 +1,158 @@
+"""Intake: one received message becomes a reserved ``Request``, or is turned away.
+
+A message is decoded; one that cannot be (content type refused, bad body,
+invalid task message) or names an unknown task is rejected with one log line.
+An expired or revoked request is skipped (REVOKED stored, acked). An ETA far in
+the future goes back to the broker, a near one waits on a timer; the rest is
+reserved and started at once if the pool has room. The expired/revoked checks
+run again just before a reserved request starts.
+"""
+
+from __future__ import annotations
+
+import heapq
+import logging
+import time
+from typing import TYPE_CHECKING
+
+from taskframe import signals
+from taskframe.errors import (
+    ContentDisallowed,
+    DecodeError,
+    InvalidTaskError,
+    NotRegistered,
+    TransportError,
+)
+from taskframe.protocol import decode_message
+from taskframe.worker._consumer_settle import ACK
+from taskframe.worker._consumer_timers import LOCAL_ETA_WINDOW
+from taskframe.worker.request import Request
+
+if TYPE_CHECKING:
+    import collections
+    import itertools
+
+    from taskframe.client.app import Taskframe
+    from taskframe.control.revoked import RevokedSet
+    from taskframe.transport import Message
+
+__all__ = ["Intake"]
+
+logger = logging.getLogger("taskframe.worker.consumer")
+
+
+class Intake:
+    """The ``Consumer``'s part that receives, checks and reserves messages."""
+
+    # The consumer's state this part reads and changes (set in ``Consumer.__init__``).
+    app: Taskframe
+    accept: tuple[str, ...]
+    hostname: str
+    held: int
+    revoked: RevokedSet | None
+    timers: list[tuple[float, int, Request]]
+    reserved: collections.deque[Request]
+    _seq: itertools.count[int]
+
+    if TYPE_CHECKING:  # the steps of the consumer's other parts that intake leads to
+        def _settle(self, request: Request, action: str) -> None: ...
+        def _can_defer(self, message: Message) -> bool: ...
+        def _defer(self, request: Request, delay: float) -> None: ...
+        def _start_reserved(self) -> None: ...
+
+    def on_message(self, message: Message) -> None:
+        """Decode, validate and reserve one message (or reject it with one log line)."""
+        try:
+            tm = decode_message(message, self.accept)
+        except ContentDisallowed as exc:
+            return self._discard(message, f"content type refused ({exc}); accept_content is "
+                                 f"{list(self.accept)}")
+        except DecodeError as exc:
+            return self._discard(message, f"body cannot be decoded: {exc}")
+        except InvalidTaskError as exc:
+            return self._discard(message, f"invalid task message: {exc}")
+        task = self.app.tasks.get(tm.name)
+        if task is None:
+            return self._unknown_task(message, tm.name, tm.id)
+        acks_late = task.acks_late if task.acks_late is not None else self.app.conf.task_acks_late
+        request = Request(message, tm, task, hostname=self.hostname, acks_late=bool(acks_late))
+        logger.info("Task %s[%s] received", request.name, request.id)
+        signals.task_received.send(sender=self, request=request.context)
+        if request.expired():
+            return self._revoke_expired(request)
+        if self._is_revoked(request):
+            return self._discard_revoked(request)
+        delay = request.eta_delay()
+        if delay > LOCAL_ETA_WINDOW and self._can_defer(message):
+            return self._defer(request, delay)
+        if delay > 0:
+            heapq.heappush(self.timers, (time.monotonic() + delay, next(self._seq), request))
+            return None
+        self.reserved.append(request)
+        self._start_reserved()
+        return None
+
+    def _discard(self, message: Message, reason: str) -> None:
+        logger.error(
+            "Rejected message (delivery_tag=%r, routing_key=%r, content_type=%r, headers=%r): %s",
+            message.delivery_tag, message.delivery_info.get("routing_key"),
+            message.content_type, {k: message.headers.get(k) for k in ("id", "task")}, reason,
+        )
+        self._settle_message(message, requeue=False)
+
+    def _settle_message(self, message: Message, *, requeue: bool) -> None:
+        try:
+            message.reject(requeue=requeue)
+        except TransportError as exc:
+            logger.warning("could not reject %r: %s", message, exc)
+        self.held -= 1
+
+    def _unknown_task(self, message: Message, name: str, task_id: str) -> None:
+        logger.error(
+            "Received unregistered task of type %r (id %s): rejected. Is the module that "
+            "defines it imported by the worker (-A, include, imports)?", name, task_id,
+        )
+        exc = NotRegistered(name)
+        signals.task_unknown.send(sender=self, name=name, id=task_id, message=message, exc=exc)
+        if self.app.result_backend_url is not None:
+            try:
+                self.app.backend.mark_as_failure(task_id, exc)
+            except Exception:
+                logger.exception("could not store NotRegistered for %s", task_id)
+        self._settle_message(message, requeue=False)
+
+    # -- expired and revoked: checked at receive and again before a run ---------------
+
+    def _revoke_expired(self, request: Request) -> None:
+        logger.info("Task %s[%s] expired: not run", request.name, request.id)
+        if not request.context.ignore_result and self.app.result_backend_url is not None:
+            self.app.backend.mark_as_revoked(request.id, "expired")
+        if self.app.result_backend_url is not None:  # a chord header part still counts
+            from taskframe.canvas.chord_completion import on_revoked
+
+            on_revoked(request.task, request.context, "expired")
+        signals.task_revoked.send(sender=request.task, request=request.context,
+                                  terminated=False, signum=None, expired=True)
+        self._settle(request, ACK)
+
+    def _is_revoked(self, request: Request) -> bool:
+        revoked = self.revoked
+        if revoked is None:
+            return False
+        return request.id in revoked or revoked.matches_stamps(request.context.stamps)
+
+    def _discard_revoked(self, request: Request) -> None:
+        """Skip a revoked task: store REVOKED (never over a result), signal, ack."""
+        logger.info("Discarding revoked task: %s[%s]", request.name, request.id)
+        if self.app.result_backend_url is not None:
+            from taskframe.canvas.chord_completion import on_revoked
+
+            try:
+                if not request.context.ignore_result:
+                    self.app.backend.mark_as_revoked(request.id, "revoked")
+                on_revoked(request.task, request.context, "revoked")  # a chord part counts
+            except Exception as exc:
+                logger.warning("could not store REVOKED for %s: %r", request.id, exc)
+        signals.task_revoked.send(sender=request.task, request=request.context,
+                                  terminated=False, signum=None, expired=False)
+        self._settle(request, ACK)

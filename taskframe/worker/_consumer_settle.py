@@ -1,0 +1,192 @@
+"""Settling: the acks, rejects and requeues of messages whose run is decided.
+
+Pool threads report through ``Consumer.report`` (``job.on_accepted`` for early
+acks, ``job.on_done`` for late ones and to free the slot); what they report off
+the loop's thread waits on ``Consumer.completions`` until the loop drains it.
+Acks go to the broker in batches; rejects and requeues one at a time.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import queue
+import threading
+from typing import TYPE_CHECKING
+
+from taskframe import states
+from taskframe.errors import TransportError
+from taskframe.transport.base import MessageState
+from taskframe.transport.errors import ConnectionLost
+
+if TYPE_CHECKING:
+    from taskframe.client.app import Taskframe
+    from taskframe.execution.outcome import Outcome
+    from taskframe.pools.base import TaskJob
+    from taskframe.transport import Connection
+    from taskframe.worker.request import Request
+
+__all__ = ["ACK", "DONE", "REJECT", "REQUEUE", "Settling"]
+
+logger = logging.getLogger("taskframe.worker.consumer")
+
+# What a job reports: settle its message one of three ways, or (DONE) free its slot.
+ACK, REJECT, REQUEUE, DONE = "ack", "reject", "requeue", "done"
+
+
+class Settling:
+    """The ``Consumer``'s part that settles messages and counts finished jobs."""
+
+    # The consumer's state this part reads and changes (set in ``Consumer.__init__``).
+    app: Taskframe
+    connection: Connection
+    completions: queue.SimpleQueue[tuple[Request, str]]
+    held: int
+    running: int
+    processed: int
+    active: dict[str, Request]
+    totals: collections.Counter[str]
+    _totals_lock: threading.Lock
+    _thread: threading.Thread
+    _acks: list[Request]
+
+    def settle_completions(self, first: tuple[Request, str] | None = None, *,
+                           flush: bool = True) -> None:
+        """Apply every action the pool reported; acks go to the broker in one batch.
+
+        Args:
+            first: an action already taken off the queue, applied with the rest.
+            flush: send the acks now; otherwise they wait for ``_flush_acks`` (the
+                loop's next poll). A delayed ack never loses a message: at worst a
+                crash in between runs it again, as with a late ack.
+        """
+        acks = self._acks
+        if first is not None:
+            if first[1] == ACK:
+                acks.append(first[0])
+            else:
+                self._settle(*first)
+        while True:
+            try:
+                request, action = self.completions.get_nowait()
+            except queue.Empty:
+                break
+            if action == ACK:
+                acks.append(request)
+            else:
+                self._settle(request, action)
+        if flush:
+            self._flush_acks()
+
+    def _flush_acks(self) -> None:
+        if self._acks:
+            acks, self._acks = self._acks, []
+            self._ack_batch(acks)
+
+    def _ack_batch(self, requests: list[Request]) -> None:
+        transport = self.connection.transport
+        current = [r for r in requests
+                   if not r.message.settled and r.message.transport is transport]
+        for request in requests:
+            if request not in current:
+                self._settle(request, ACK)  # stale or settled: handled one by one
+        if not current:
+            return
+        try:
+            transport.ack_many([r.message for r in current])
+        except ConnectionLost:
+            raise
+        except TransportError as exc:
+            logger.warning("could not ack %d message(s) at once (%s): one by one", len(current),
+                           exc)
+            for request in current:
+                self._settle(request, ACK)
+            return
+        self.held -= len(current)
+
+    def report(self, request: Request, action: str) -> None:
+        """Called by jobs (any thread): settle now on the loop's thread, else queue it.
+
+        An ack reported on the loop's thread (a pool that accepts a job as it is
+        submitted, like prefork) joins the next batch instead of costing a round trip.
+        """
+        if threading.current_thread() is self._thread:
+            if action == ACK:
+                self._acks.append(request)
+            else:
+                self._settle(request, action)
+        else:
+            self.completions.put((request, action))
+
+    def _settle(self, request: Request, action: str) -> None:
+        if action == DONE:
+            self.running -= 1
+            self.processed += 1
+            return
+        message = request.message
+        if message.settled:
+            return
+        if message.transport is not self.connection.transport:
+            # Received on a connection that has since dropped: the broker gives the
+            # message back by itself, so settling it here would be wrong or impossible.
+            # (``_reconnect`` already took it out of ``held``.)
+            logger.info("not settling %r: its connection was lost", request)
+            message.state = MessageState.LOST
+            return
+        try:
+            if action == ACK:
+                message.ack()
+            elif action == REQUEUE:
+                message.reject(requeue=True)
+            else:
+                message.reject(requeue=False)
+        except TransportError as exc:
+            logger.warning("could not %s %r: %s", action, request, exc)
+        self.held -= 1
+
+    # -- what jobs report (any thread) ------------------------------------------------
+
+    def _on_accepted(self, job: TaskJob) -> None:
+        """A pool slot took the job (any thread): early acks go now."""
+        request: Request = job.request
+        request.started = True
+        with self._totals_lock:
+            self.totals[request.task.name] += 1
+        if not request.acks_late:
+            self.report(request, ACK)
+
+    def total_counts(self) -> dict[str, int]:
+        """Tasks accepted so far, by name (a copy; safe from any thread)."""
+        with self._totals_lock:
+            return dict(self.totals)
+
+    def _on_done(self, job: TaskJob, outcome: Outcome) -> None:
+        """The job ended (any thread): settle late acks, free the slot."""
+        request: Request = job.request
+        if outcome.state == states.REVOKED and self._store_results():  # terminated
+            from taskframe.canvas.chord_completion import on_revoked
+
+            on_revoked(job.task, job.context, "terminated")
+        try:
+            if request.acks_late:
+                self.report(request, self._late_action(request, outcome))
+            elif outcome.state == states.REJECTED and outcome.requeue:
+                logger.warning("%r asked to requeue but was acked early", request)
+        finally:
+            if self.active.get(request.id) is request:
+                del self.active[request.id]
+            self.report(request, DONE)
+
+    def _store_results(self) -> bool:
+        return self.app.result_backend_url is not None
+
+    def _late_action(self, request: Request, outcome: Outcome) -> str:
+        if outcome.state == states.REJECTED:
+            return REQUEUE if outcome.requeue else REJECT
+        if outcome.state == states.FAILURE:
+            task = request.task
+            ack = task.acks_on_failure_or_timeout
+            if ack is None:
+                ack = self.app.conf.task_acks_on_failure_or_timeout
+            return ACK if ack else REJECT
+        return ACK
