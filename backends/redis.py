@@ -18,6 +18,8 @@ Features:
   the waiter re-subscribes and polls once (GET) before waiting again.
 * ``get_task_metas``: one ``MGET``; ``task_result_exists``: ``EXISTS``.
 * ``incr``: ``INCR`` + ``EXPIRE`` in one MULTI/EXEC; the key gets the global prefix.
+* ``chord_store``: Celery's chord keys (``redis_chord``), not ``incr``, so Celery and
+  taskframe workers complete one chord together.
 * Connection errors are retried (``max_retries`` times, with backoff); every
   redis-py error that still escapes becomes ``taskframe.errors.BackendError``.
 * ``cleanup`` is rarely needed (keys expire by TTL): it SCANs this backend's
@@ -56,6 +58,8 @@ import redis.exceptions
 from taskframe import states
 from taskframe.backends._codec import ResultCodec
 from taskframe.backends.base import Backend, BackendOptions
+from taskframe.backends.chord import ChordStore
+from taskframe.backends.redis_chord import RedisChordStore
 from taskframe.errors import BackendError, DecodeError, ImproperlyConfigured
 from taskframe.errors import TimeoutError as ResultTimeout
 from taskframe.protocol.results import ResultContext, ResultMeta, make_meta
@@ -110,7 +114,13 @@ def _backoff(attempt: int) -> float:
 
 
 class RedisBackend(Backend):
-    """Results in Redis keys shared with Celery's ``RedisBackend``."""
+    """Results in Redis keys shared with Celery's ``RedisBackend``.
+
+    Attributes:
+        codec: encodes and decodes stored values (``result_serializer``).
+        keyprefix: the global key prefix, ``""`` when none is set.
+        max_retries: retries after a connection error.
+    """
 
     schemes: ClassVar[tuple[str, ...]] = ("redis", "rediss", "sentinel")
     supports_push: ClassVar[bool] = True
@@ -119,10 +129,10 @@ class RedisBackend(Backend):
         super().__init__(url, options)
         query = dict(parse_qsl(urlsplit(url).query))
         self._transport_options: dict[str, Any] = {**query, **self.options.transport_options}
-        self._codec = ResultCodec(self.options.serializer, self.options.accept)
+        self.codec = ResultCodec(self.options.serializer, self.options.accept)
         # The script reads stored values as JSON: only when nothing else can be stored here.
-        self._json_only = self._codec.serializer == "json" and not any(
-            self._codec.accepts(name) for name in ("pickle", "msgpack", "yaml"))
+        self._json_only = self.codec.serializer == "json" and not any(
+            self.codec.accepts(name) for name in ("pickle", "msgpack", "yaml"))
         prefix = str(self._transport_options.get("global_keyprefix") or "")
         if prefix and prefix[-1] not in PREFIX_SEPARATORS:
             prefix += "_"
@@ -159,7 +169,7 @@ class RedisBackend(Backend):
     def _decode_meta(self, task_id: str, raw: bytes | None) -> ResultMeta:
         if raw is None:
             return make_meta(task_id, states.PENDING, None)
-        meta = self._codec.decode(raw)
+        meta = self.codec.decode(raw)
         if not isinstance(meta, dict):
             raise DecodeError(f"the result of {task_id} is not a meta: {type(meta).__name__}")
         for name, default in (("result", None), ("traceback", None), ("children", []),
@@ -169,8 +179,12 @@ class RedisBackend(Backend):
 
     # -- plumbing -------------------------------------------------------------------------
 
-    def _run(self, what: str, fn: Callable[[redis.Redis], T]) -> T:
-        """Call ``fn(client)``; retry connection errors; translate every redis-py error."""
+    def run(self, what: str, fn: Callable[[redis.Redis], T]) -> T:
+        """Call ``fn`` with the client, connection errors retried (``what``: for messages).
+
+        Raises:
+            BackendError: Redis failed, even after retries.
+        """
         attempt = 0
         while True:
             try:
@@ -214,7 +228,7 @@ class RedisBackend(Backend):
         """
         meta = make_meta(task_id, state, result, traceback=traceback, context=context,
                          extended=self.options.extended)
-        data = self._codec.encode(meta)
+        data = self.codec.encode(meta)
         key = self.task_key(task_id)
 
         if self._json_only:
@@ -225,7 +239,7 @@ class RedisBackend(Backend):
                 kept = self._store_script(keys=[key], args=[data, ttl], client=client)
                 return _raw(kept) if kept else None
 
-            kept = self._run(f"storing the result of {task_id}", write_once)
+            kept = self.run(f"storing the result of {task_id}", write_once)
             return meta if kept is None else self._decode_meta(task_id, kept)
 
         def write(client: redis.Redis) -> bytes | None:
@@ -245,12 +259,12 @@ class RedisBackend(Backend):
                         continue  # another writer got in between: look again
             raise BackendError(f"too many concurrent writers of {key}")
 
-        kept = self._run(f"storing the result of {task_id}", write)
+        kept = self.run(f"storing the result of {task_id}", write)
         return meta if kept is None else self._decode_meta(task_id, kept)
 
     def _is_success(self, raw: bytes) -> bool:
         try:
-            stored = self._codec.decode(raw)
+            stored = self.codec.decode(raw)
         except Exception:  # unreadable bytes are not a SUCCESS we could keep
             return False
         return isinstance(stored, dict) and stored.get("status") == states.SUCCESS
@@ -258,8 +272,8 @@ class RedisBackend(Backend):
     def get_task_meta(self, task_id: str) -> ResultMeta:
         """The stored meta, or a PENDING meta."""
         key = self.task_key(task_id)
-        raw = self._run(f"reading the result of {task_id}",
-                        lambda client: _raw(client.get(key)))
+        raw = self.run(f"reading the result of {task_id}",
+                       lambda client: _raw(client.get(key)))
         return self._decode_meta(task_id, raw)
 
     def get_task_metas(self, task_ids: Iterable[str]) -> dict[str, ResultMeta]:
@@ -268,16 +282,16 @@ class RedisBackend(Backend):
         if not ids:
             return {}
         keys = [self.task_key(task_id) for task_id in ids]
-        raws = self._run(f"reading {len(ids)} results",
-                         lambda client: [_raw(value) for value in client.mget(keys)])
+        raws = self.run(f"reading {len(ids)} results",
+                        lambda client: [_raw(value) for value in client.mget(keys)])
         return {task_id: self._decode_meta(task_id, raw)
                 for task_id, raw in zip(ids, raws, strict=True)}
 
     def task_result_exists(self, task_id: str) -> bool:
         """True when the key of ``task_id`` exists (``EXISTS``)."""
         key = self.task_key(task_id)
-        return bool(self._run(f"checking the result of {task_id}",
-                              lambda client: client.exists(key)))
+        return bool(self.run(f"checking the result of {task_id}",
+                             lambda client: client.exists(key)))
 
     def wait_for(
         self, task_id: str, timeout: float | None = None, interval: float = 0.5
@@ -407,36 +421,36 @@ class RedisBackend(Backend):
     def forget(self, task_id: str) -> None:
         """Delete the key of ``task_id``."""
         key = self.task_key(task_id)
-        self._run(f"forgetting {task_id}", lambda client: client.delete(key))
+        self.run(f"forgetting {task_id}", lambda client: client.delete(key))
 
     # -- groups and counters --------------------------------------------------------------
 
     def save_group(self, group_id: str, result: Any) -> None:
         """Store (and publish, as Celery does) a group's result tuple."""
         key = self.group_key(group_id)
-        data = self._codec.encode({"result": result,
-                                   "date_done": datetime.now(UTC).isoformat()})
+        data = self.codec.encode({"result": result,
+                                  "date_done": datetime.now(UTC).isoformat()})
 
         def write(client: redis.Redis) -> None:
             with client.pipeline() as pipe:
                 self._write(pipe, key, data)
                 pipe.execute()
 
-        self._run(f"saving group {group_id}", write)
+        self.run(f"saving group {group_id}", write)
 
     def restore_group(self, group_id: str) -> Any | None:
         """The stored group tuple, or ``None``."""
         key = self.group_key(group_id)
-        raw = self._run(f"restoring group {group_id}", lambda client: _raw(client.get(key)))
+        raw = self.run(f"restoring group {group_id}", lambda client: _raw(client.get(key)))
         if raw is None:
             return None
-        meta = self._codec.decode(raw)
+        meta = self.codec.decode(raw)
         return meta.get("result") if isinstance(meta, dict) else None
 
     def delete_group(self, group_id: str) -> None:
         """Delete a stored group."""
         key = self.group_key(group_id)
-        self._run(f"deleting group {group_id}", lambda client: client.delete(key))
+        self.run(f"deleting group {group_id}", lambda client: client.delete(key))
 
     def incr(self, key: str) -> int:
         """``INCR`` counter ``key`` (global prefix added) and refresh its TTL.
@@ -454,12 +468,16 @@ class RedisBackend(Backend):
                     pipe.expire(name, expires)
                 return int(pipe.execute()[0])
 
-        return self._run(f"incrementing counter {key}", incr)
+        return self.run(f"incrementing counter {key}", incr)
 
     def delete_counter(self, key: str) -> None:
         """``DEL`` counter ``key`` (global prefix added)."""
         name = f"{self.keyprefix}{key}"
-        self._run(f"deleting counter {key}", lambda client: client.delete(name))
+        self.run(f"deleting counter {key}", lambda client: client.delete(name))
+
+    def chord_store(self) -> ChordStore:
+        """Celery's chord keys (``redis_chord``): Celery workers count the same chords."""
+        return RedisChordStore(self)
 
     # -- housekeeping ---------------------------------------------------------------------
 
@@ -475,8 +493,8 @@ class RedisBackend(Backend):
         deleted = 0
         for prefix in (TASK_KEY_PREFIX, GROUP_KEY_PREFIX):
             pattern = _glob_escape(f"{self.keyprefix}{prefix}") + "*"
-            deleted += self._run("cleaning up expired results",
-                                 partial(self._delete_older, pattern=pattern, now=now))
+            deleted += self.run("cleaning up expired results",
+                                partial(self._delete_older, pattern=pattern, now=now))
         return deleted
 
     def _delete_older(self, client: redis.Redis, pattern: str, now: datetime) -> int:
@@ -493,7 +511,7 @@ class RedisBackend(Backend):
 
     def _expired(self, raw: bytes, now: datetime) -> bool:
         try:
-            meta = self._codec.decode(raw)
+            meta = self.codec.decode(raw)
             if not isinstance(meta, dict) or not meta.get("date_done"):
                 return False
             keep = self.expires_for(str(meta.get("status")))  # groups: no status, expires
