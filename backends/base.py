@@ -3,7 +3,8 @@
 A backend stores one *meta* per task (Celery's layout, ../shared/spec/celery-wire.md
 §6.1: ``status``, ``result``, ``traceback``, ``children``, ``date_done``,
 ``task_id`` and, with ``result_extended``, ``name``/``args``/``kwargs``/...),
-one meta per saved group, and atomic counters for chords.
+one meta per saved group, and atomic counters for chords; ``chord_store`` says how
+chords are counted.
 
 Backends import ``taskframe.protocol`` (pure data: states, meta, exception
 encoding) and their client libraries, never the app or the worker: the app builds
@@ -21,7 +22,10 @@ Methods:
   polling with backoff where it cannot).
 * ``forget``: delete a task's meta.
 * ``save_group`` / ``restore_group`` / ``delete_group``: group results.
-* ``incr``: an atomic counter, for chords.
+* ``incr`` / ``delete_counter``: an atomic counter, for chords.
+* ``chord_store``: the ``ChordStore`` that counts chords here (``backends.chord``):
+  by default ``incr`` (``chord_counter``), ``None`` without ``implements_incr``
+  (Celery's ``celery.chord_unlock`` task then polls).
 * ``on_task_call``: a hook run before a task is sent (``rpc`` declares its
   reply queue there).
 * ``cleanup``: delete metas older than ``expires`` (FAILURE metas: older than
@@ -37,6 +41,8 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from taskframe import states
+from taskframe.backends.chord import ChordStore
+from taskframe.backends.chord_counter import CounterChordStore
 from taskframe.protocol.results import ResultContext, ResultMeta
 
 if TYPE_CHECKING:
@@ -89,8 +95,9 @@ class Backend(abc.ABC):
     Class attributes:
         schemes: URL schemes this backend serves.
         supports_push: ``wait_for`` is woken by the store, not by polling.
-        implements_incr: ``incr`` is atomic here, so chords are counted; False makes
-            chords fall back to ``celery.chord_unlock`` polling.
+        implements_incr: ``incr`` is atomic here, so chords are counted with it
+            (``chord_store``); False makes chords fall back to ``celery.chord_unlock``
+            polling.
     """
 
     schemes: ClassVar[tuple[str, ...]] = ()
@@ -240,6 +247,16 @@ class Backend(abc.ABC):
 
         The default keeps it: override where counters would otherwise pile up.
         """
+
+    def chord_store(self) -> ChordStore | None:
+        """The store that counts the header tasks of chords here, or ``None``.
+
+        The default counts with ``incr`` (``CounterChordStore``) when
+        ``implements_incr``; ``None`` means no atomic counter: Celery's
+        ``celery.chord_unlock`` task polls the header's results instead. A backend
+        with its own chord layout (Redis: Celery's keys) returns its own store.
+        """
+        return CounterChordStore(self) if self.implements_incr else None
 
     # -- housekeeping -----------------------------------------------------------------
 

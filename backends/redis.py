@@ -1,4 +1,7 @@
-"""Redis result backend, sharing Celery's keys, JSON and pub/sub channels.
+"""Redis result backend: storing and reading results in Celery's keys, JSON and channels.
+
+Waiting for a result is ``redis_wait`` (pub/sub), chords ``redis_chord`` (Celery's chord
+keys), calling Redis (retries, error translation) ``redis_calls``.
 
 Features:
 
@@ -11,15 +14,14 @@ Features:
   ``PUBLISH key <meta>`` in one MULTI/EXEC, so Celery's ``AsyncResult.get()``
   (subscribed to the key's channel) wakes on our results. The transaction runs
   under ``WATCH``: a stored SUCCESS is never overwritten, even by a racing writer.
-* ``wait_for`` is pushed: GET; else SUBSCRIBE to the key's channel, wait for the
-  subscription to be confirmed, GET again (closing the race with a store between
-  the two), then wait for a message carrying a ready state. Subscriber
-  connections are reused and always left unsubscribed; on a dropped connection
-  the waiter re-subscribes and polls once (GET) before waiting again.
+* ``wait_for`` is pushed: GET; else SUBSCRIBE to the key's channel and wait for a
+  message carrying a ready state (``redis_wait``).
 * ``get_task_metas``: one ``MGET``; ``task_result_exists``: ``EXISTS``.
 * ``incr``: ``INCR`` + ``EXPIRE`` in one MULTI/EXEC; the key gets the global prefix.
-* Connection errors are retried (``max_retries`` times, with backoff); every
-  redis-py error that still escapes becomes ``taskframe.errors.BackendError``.
+* ``chord_store``: Celery's chord keys (``redis_chord``), not ``incr``, so Celery and
+  taskframe workers complete one chord together.
+* Connection errors are retried (``max_retries`` times, with backoff); every redis-py
+  error that still escapes becomes ``taskframe.errors.BackendError`` (``redis_calls``).
 * ``cleanup`` is rarely needed (keys expire by TTL): it SCANs this backend's
   prefixes and deletes metas whose ``date_done`` is older than ``expires``.
 
@@ -40,9 +42,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import os
-import threading
-import time
 from collections.abc import Callable, Iterable
 from datetime import UTC, datetime, timedelta
 from functools import partial
@@ -54,10 +53,14 @@ import redis.client
 import redis.exceptions
 
 from taskframe import states
+from taskframe.backends import redis_calls
 from taskframe.backends._codec import ResultCodec
 from taskframe.backends.base import Backend, BackendOptions
+from taskframe.backends.chord import ChordStore
+from taskframe.backends.redis_calls import as_bytes
+from taskframe.backends.redis_chord import RedisChordStore
+from taskframe.backends.redis_wait import PubSubWaiter
 from taskframe.errors import BackendError, DecodeError, ImproperlyConfigured
-from taskframe.errors import TimeoutError as ResultTimeout
 from taskframe.protocol.results import ResultContext, ResultMeta, make_meta
 from taskframe.transport import errors as transport_errors
 from taskframe.transport.redis_layout import build_client
@@ -74,12 +77,8 @@ PREFIX_SEPARATORS = ":_-."
 
 #: Retries after the first attempt, for connection errors.
 MAX_RETRIES = 4
-#: A waiter also GETs after this long without a message (a lost PUBLISH cannot hang it).
-SAFETY_POLL = 30.0
 #: WATCH/MULTI attempts of one store before giving up (each failure is another's success).
 MAX_WATCH_ATTEMPTS = 1000
-#: Idle subscriber connections kept for reuse.
-MAX_IDLE_SUBSCRIBERS = 8
 
 # store_result in one round trip (JSON results): keep a stored SUCCESS, else SET/SETEX and
 # PUBLISH, atomically inside Redis. Profiling `.delay().get()` showed WATCH + GET + MULTI/EXEC
@@ -100,17 +99,16 @@ end
 redis.call('PUBLISH', KEYS[1], ARGV[1])
 return false
 """
-#: How long to wait for a SUBSCRIBE/UNSUBSCRIBE confirmation.
-CONFIRM_TIMEOUT = 10.0
-_CONNECTION_ERRORS = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, OSError)
-
-
-def _backoff(attempt: int) -> float:
-    return min(0.05 * 4.0**attempt, 2.0)
 
 
 class RedisBackend(Backend):
-    """Results in Redis keys shared with Celery's ``RedisBackend``."""
+    """Results in Redis keys shared with Celery's ``RedisBackend``.
+
+    Attributes:
+        codec: encodes and decodes stored values (``result_serializer``).
+        keyprefix: the global key prefix, ``""`` when none is set.
+        max_retries: retries after a connection error.
+    """
 
     schemes: ClassVar[tuple[str, ...]] = ("redis", "rediss", "sentinel")
     supports_push: ClassVar[bool] = True
@@ -119,10 +117,10 @@ class RedisBackend(Backend):
         super().__init__(url, options)
         query = dict(parse_qsl(urlsplit(url).query))
         self._transport_options: dict[str, Any] = {**query, **self.options.transport_options}
-        self._codec = ResultCodec(self.options.serializer, self.options.accept)
+        self.codec = ResultCodec(self.options.serializer, self.options.accept)
         # The script reads stored values as JSON: only when nothing else can be stored here.
-        self._json_only = self._codec.serializer == "json" and not any(
-            self._codec.accepts(name) for name in ("pickle", "msgpack", "yaml"))
+        self._json_only = self.codec.serializer == "json" and not any(
+            self.codec.accepts(name) for name in ("pickle", "msgpack", "yaml"))
         prefix = str(self._transport_options.get("global_keyprefix") or "")
         if prefix and prefix[-1] not in PREFIX_SEPARATORS:
             prefix += "_"
@@ -136,9 +134,8 @@ class RedisBackend(Backend):
             self.max_retries = int(self._transport_options.get("max_retries", MAX_RETRIES))
         except ValueError as exc:
             raise ImproperlyConfigured(f"result_backend: max_retries: {exc}") from exc
-        self._lock = threading.Lock()
-        self._idle: list[redis.client.PubSub] = []
-        self._pid = os.getpid()
+        self._waiter = PubSubWaiter(self._client, self.max_retries, self.task_key,
+                                    self._decode_meta)
 
     # -- keys and encoding ----------------------------------------------------------------
 
@@ -159,7 +156,7 @@ class RedisBackend(Backend):
     def _decode_meta(self, task_id: str, raw: bytes | None) -> ResultMeta:
         if raw is None:
             return make_meta(task_id, states.PENDING, None)
-        meta = self._codec.decode(raw)
+        meta = self.codec.decode(raw)
         if not isinstance(meta, dict):
             raise DecodeError(f"the result of {task_id} is not a meta: {type(meta).__name__}")
         for name, default in (("result", None), ("traceback", None), ("children", []),
@@ -169,21 +166,13 @@ class RedisBackend(Backend):
 
     # -- plumbing -------------------------------------------------------------------------
 
-    def _run(self, what: str, fn: Callable[[redis.Redis], T]) -> T:
-        """Call ``fn(client)``; retry connection errors; translate every redis-py error."""
-        attempt = 0
-        while True:
-            try:
-                return fn(self._client)
-            except _CONNECTION_ERRORS as exc:
-                if attempt >= self.max_retries:
-                    raise BackendError(
-                        f"{what} failed after {attempt + 1} attempts: "
-                        f"{type(exc).__name__}: {exc}") from exc
-                time.sleep(_backoff(attempt))
-                attempt += 1
-            except redis.exceptions.RedisError as exc:
-                raise BackendError(f"{what} failed: {type(exc).__name__}: {exc}") from exc
+    def run(self, what: str, fn: Callable[[redis.Redis], T]) -> T:
+        """Call ``fn`` with the client, connection errors retried (``what``: for messages).
+
+        Raises:
+            BackendError: Redis failed, even after retries.
+        """
+        return redis_calls.run(self._client, self.max_retries, what, fn)
 
     def _write(self, pipe: redis.client.Pipeline, key: str, data: bytes,
                state: str | None = None) -> None:
@@ -214,7 +203,7 @@ class RedisBackend(Backend):
         """
         meta = make_meta(task_id, state, result, traceback=traceback, context=context,
                          extended=self.options.extended)
-        data = self._codec.encode(meta)
+        data = self.codec.encode(meta)
         key = self.task_key(task_id)
 
         if self._json_only:
@@ -223,9 +212,9 @@ class RedisBackend(Backend):
 
             def write_once(client: redis.Redis) -> bytes | None:
                 kept = self._store_script(keys=[key], args=[data, ttl], client=client)
-                return _raw(kept) if kept else None
+                return as_bytes(kept) if kept else None
 
-            kept = self._run(f"storing the result of {task_id}", write_once)
+            kept = self.run(f"storing the result of {task_id}", write_once)
             return meta if kept is None else self._decode_meta(task_id, kept)
 
         def write(client: redis.Redis) -> bytes | None:
@@ -233,7 +222,7 @@ class RedisBackend(Backend):
                 for _ in range(MAX_WATCH_ATTEMPTS):
                     try:
                         pipe.watch(key)  # type: ignore[no-untyped-call]
-                        current = _raw(pipe.get(key))
+                        current = as_bytes(pipe.get(key))
                         if current is not None and self._is_success(current):
                             pipe.unwatch()
                             return current
@@ -245,12 +234,12 @@ class RedisBackend(Backend):
                         continue  # another writer got in between: look again
             raise BackendError(f"too many concurrent writers of {key}")
 
-        kept = self._run(f"storing the result of {task_id}", write)
+        kept = self.run(f"storing the result of {task_id}", write)
         return meta if kept is None else self._decode_meta(task_id, kept)
 
     def _is_success(self, raw: bytes) -> bool:
         try:
-            stored = self._codec.decode(raw)
+            stored = self.codec.decode(raw)
         except Exception:  # unreadable bytes are not a SUCCESS we could keep
             return False
         return isinstance(stored, dict) and stored.get("status") == states.SUCCESS
@@ -258,8 +247,8 @@ class RedisBackend(Backend):
     def get_task_meta(self, task_id: str) -> ResultMeta:
         """The stored meta, or a PENDING meta."""
         key = self.task_key(task_id)
-        raw = self._run(f"reading the result of {task_id}",
-                        lambda client: _raw(client.get(key)))
+        raw = self.run(f"reading the result of {task_id}",
+                       lambda client: as_bytes(client.get(key)))
         return self._decode_meta(task_id, raw)
 
     def get_task_metas(self, task_ids: Iterable[str]) -> dict[str, ResultMeta]:
@@ -268,16 +257,16 @@ class RedisBackend(Backend):
         if not ids:
             return {}
         keys = [self.task_key(task_id) for task_id in ids]
-        raws = self._run(f"reading {len(ids)} results",
-                         lambda client: [_raw(value) for value in client.mget(keys)])
+        raws = self.run(f"reading {len(ids)} results",
+                        lambda client: [as_bytes(value) for value in client.mget(keys)])
         return {task_id: self._decode_meta(task_id, raw)
                 for task_id, raw in zip(ids, raws, strict=True)}
 
     def task_result_exists(self, task_id: str) -> bool:
         """True when the key of ``task_id`` exists (``EXISTS``)."""
         key = self.task_key(task_id)
-        return bool(self._run(f"checking the result of {task_id}",
-                              lambda client: client.exists(key)))
+        return bool(self.run(f"checking the result of {task_id}",
+                             lambda client: client.exists(key)))
 
     def wait_for(
         self, task_id: str, timeout: float | None = None, interval: float = 0.5
@@ -285,7 +274,7 @@ class RedisBackend(Backend):
         """Block until ``task_id`` is ready, woken by the PUBLISH of its store.
 
         ``interval`` is unused: nothing polls, except once after a reconnect and
-        after ``SAFETY_POLL`` seconds without any message.
+        after ``redis_wait.SAFETY_POLL`` seconds without any message.
 
         Raises:
             taskframe.errors.TimeoutError: not ready within ``timeout``.
@@ -294,149 +283,41 @@ class RedisBackend(Backend):
         meta = self.get_task_meta(task_id)
         if meta["status"] in states.READY_STATES:
             return meta
-        deadline = None if timeout is None else time.monotonic() + timeout
-        attempt = 0
-        subscribed: list[bool] = []
-        while True:
-            try:
-                found = self._wait_subscribed(task_id, deadline, subscribed)
-            except _CONNECTION_ERRORS as exc:
-                if subscribed:  # the link worked before it dropped: a fresh budget
-                    attempt = 0
-                    subscribed.clear()
-                if attempt >= self.max_retries:
-                    raise BackendError(
-                        f"waiting for {task_id} failed after {attempt + 1} attempts: "
-                        f"{type(exc).__name__}: {exc}") from exc
-                remaining = None if deadline is None else deadline - time.monotonic()
-                time.sleep(_backoff(attempt) if remaining is None
-                           else max(0.0, min(_backoff(attempt), remaining)))
-                attempt += 1
-                continue
-            except redis.exceptions.RedisError as exc:
-                raise BackendError(f"waiting for {task_id} failed: {exc}") from exc
-            if found is None:
-                raise ResultTimeout(f"task {task_id} not ready after {timeout} s")
-            return found
-
-    def _wait_subscribed(self, task_id: str, deadline: float | None,
-                         subscribed: list[bool]) -> ResultMeta | None:
-        """Subscribe, GET, wait for a ready message; ``None`` at the deadline.
-
-        Appends to ``subscribed`` once the subscription is confirmed.
-        """
-        key = self.task_key(task_id)
-        sub = self._checkout()
-        clean = False
-        try:
-            sub.subscribe(key)
-            self._confirm(sub, "subscribe")
-            subscribed.append(True)
-            meta = self._decode_meta(task_id, _raw(self._client.get(key)))
-            last_poll = time.monotonic()
-            while meta["status"] not in states.READY_STATES:
-                now = time.monotonic()
-                if deadline is not None and now >= deadline:
-                    break
-                if now - last_poll >= SAFETY_POLL:
-                    meta = self._decode_meta(task_id, _raw(self._client.get(key)))
-                    last_poll = now
-                    continue
-                wait = SAFETY_POLL if deadline is None else min(SAFETY_POLL, deadline - now)
-                message = sub.get_message(timeout=max(wait, 0.0))
-                if message is not None and message["type"] == "message":
-                    meta = self._decode_meta(task_id, _raw(message["data"]))
-                    last_poll = time.monotonic()
-            # The confirmation is read when the subscriber is next checked out, not
-            # here: waiting for it cost a round trip (~0.25 ms of a ~2 ms
-            # ``.delay().get()``, measured) between the result and the caller.
-            sub.unsubscribe(key)  # type: ignore[no-untyped-call]
-            clean = True
-            return meta if meta["status"] in states.READY_STATES else None
-        finally:
-            self._checkin(sub, clean)
-
-    @staticmethod
-    def _confirm(sub: redis.client.PubSub, kind: str) -> None:
-        """Read until the server confirms a (un)subscription; other messages are dropped."""
-        deadline = time.monotonic() + CONFIRM_TIMEOUT
-        while True:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise redis.exceptions.TimeoutError(f"no {kind} confirmation from Redis")
-            message = sub.get_message(timeout=remaining)
-            if message is not None and message["type"] == kind:
-                return
-
-    def _checkout(self) -> redis.client.PubSub:
-        """An idle subscriber with no subscription left, or a new one."""
-        while True:
-            with self._lock:
-                if self._pid != os.getpid():
-                    self._idle.clear()  # the parent's sockets: not ours to use or close
-                    self._pid = os.getpid()
-                sub = self._idle.pop() if self._idle else None
-            if sub is None:
-                fresh: redis.client.PubSub = self._client.pubsub()
-                return fresh
-            if not sub.subscribed:
-                return sub
-            # Its last UNSUBSCRIBE was sent without waiting (``_wait_subscribed``); the
-            # reply is normally here already. Messages still queued for that channel go
-            # with it. A subscriber that cannot confirm is closed and another one tried.
-            try:
-                self._confirm(sub, "unsubscribe")  # its one channel: none is left
-            except _CONNECTION_ERRORS:
-                self._checkin(sub, clean=False)
-                continue
-            return sub
-
-    def _checkin(self, sub: redis.client.PubSub, clean: bool) -> None:
-        # A subscriber is reused only when its last subscription was undone (``clean``:
-        # UNSUBSCRIBE sent, confirmed or not); any other is disconnected, which drops
-        # its subscriptions on the server.
-        if clean:
-            with self._lock:
-                if len(self._idle) < MAX_IDLE_SUBSCRIBERS and self._pid == os.getpid():
-                    self._idle.append(sub)
-                    return
-        # Closing a broken connection may fail: nothing is left to release then.
-        with contextlib.suppress(redis.exceptions.RedisError, OSError):
-            sub.close()
+        return self._waiter.wait(task_id, timeout)
 
     def forget(self, task_id: str) -> None:
         """Delete the key of ``task_id``."""
         key = self.task_key(task_id)
-        self._run(f"forgetting {task_id}", lambda client: client.delete(key))
+        self.run(f"forgetting {task_id}", lambda client: client.delete(key))
 
     # -- groups and counters --------------------------------------------------------------
 
     def save_group(self, group_id: str, result: Any) -> None:
         """Store (and publish, as Celery does) a group's result tuple."""
         key = self.group_key(group_id)
-        data = self._codec.encode({"result": result,
-                                   "date_done": datetime.now(UTC).isoformat()})
+        data = self.codec.encode({"result": result,
+                                  "date_done": datetime.now(UTC).isoformat()})
 
         def write(client: redis.Redis) -> None:
             with client.pipeline() as pipe:
                 self._write(pipe, key, data)
                 pipe.execute()
 
-        self._run(f"saving group {group_id}", write)
+        self.run(f"saving group {group_id}", write)
 
     def restore_group(self, group_id: str) -> Any | None:
         """The stored group tuple, or ``None``."""
         key = self.group_key(group_id)
-        raw = self._run(f"restoring group {group_id}", lambda client: _raw(client.get(key)))
+        raw = self.run(f"restoring group {group_id}", lambda client: as_bytes(client.get(key)))
         if raw is None:
             return None
-        meta = self._codec.decode(raw)
+        meta = self.codec.decode(raw)
         return meta.get("result") if isinstance(meta, dict) else None
 
     def delete_group(self, group_id: str) -> None:
         """Delete a stored group."""
         key = self.group_key(group_id)
-        self._run(f"deleting group {group_id}", lambda client: client.delete(key))
+        self.run(f"deleting group {group_id}", lambda client: client.delete(key))
 
     def incr(self, key: str) -> int:
         """``INCR`` counter ``key`` (global prefix added) and refresh its TTL.
@@ -454,12 +335,16 @@ class RedisBackend(Backend):
                     pipe.expire(name, expires)
                 return int(pipe.execute()[0])
 
-        return self._run(f"incrementing counter {key}", incr)
+        return self.run(f"incrementing counter {key}", incr)
 
     def delete_counter(self, key: str) -> None:
         """``DEL`` counter ``key`` (global prefix added)."""
         name = f"{self.keyprefix}{key}"
-        self._run(f"deleting counter {key}", lambda client: client.delete(name))
+        self.run(f"deleting counter {key}", lambda client: client.delete(name))
+
+    def chord_store(self) -> ChordStore:
+        """Celery's chord keys (``redis_chord``): Celery workers count the same chords."""
+        return RedisChordStore(self)
 
     # -- housekeeping ---------------------------------------------------------------------
 
@@ -475,8 +360,8 @@ class RedisBackend(Backend):
         deleted = 0
         for prefix in (TASK_KEY_PREFIX, GROUP_KEY_PREFIX):
             pattern = _glob_escape(f"{self.keyprefix}{prefix}") + "*"
-            deleted += self._run("cleaning up expired results",
-                                 partial(self._delete_older, pattern=pattern, now=now))
+            deleted += self.run("cleaning up expired results",
+                                partial(self._delete_older, pattern=pattern, now=now))
         return deleted
 
     def _delete_older(self, client: redis.Redis, pattern: str, now: datetime) -> int:
@@ -484,7 +369,7 @@ class RedisBackend(Backend):
         keys = list(client.scan_iter(match=pattern, count=500))
         for start in range(0, len(keys), 500):
             batch = keys[start:start + 500]
-            raws = [_raw(value) for value in client.mget(batch)]
+            raws = [as_bytes(value) for value in client.mget(batch)]
             old = [key for key, raw in zip(batch, raws, strict=True)
                    if raw is not None and self._expired(raw, now)]
             if old:
@@ -493,7 +378,7 @@ class RedisBackend(Backend):
 
     def _expired(self, raw: bytes, now: datetime) -> bool:
         try:
-            meta = self._codec.decode(raw)
+            meta = self.codec.decode(raw)
             if not isinstance(meta, dict) or not meta.get("date_done"):
                 return False
             keep = self.expires_for(str(meta.get("status")))  # groups: no status, expires
@@ -504,22 +389,12 @@ class RedisBackend(Backend):
 
     def close(self) -> None:
         """Disconnect the idle subscribers and the connection pool. Idempotent."""
-        with self._lock:
-            idle, self._idle = self._idle, []
-        for sub in idle:
-            self._checkin(sub, clean=False)
+        self._waiter.close()
         with contextlib.suppress(redis.exceptions.RedisError, OSError):
             self._client.close()
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} db={self.db} prefix={self.keyprefix!r}>"
-
-
-def _raw(value: Any) -> bytes | None:
-    """A reply as bytes (``None`` stays ``None``)."""
-    if value is None or isinstance(value, bytes):
-        return value
-    return str(value).encode() if isinstance(value, str) else bytes(value)
 
 
 def _glob_escape(text: str) -> str:

@@ -124,15 +124,15 @@ def test_many_waits_leave_no_subscription(backend: RedisBackend, admin: redis.Re
         timer.start()
         assert backend.wait_for(task_id, timeout=30)["result"] == "late"
         timer.join()
-    assert len(backend._idle) >= 1  # the subscriber connection is reused...
+    assert len(backend._waiter._idle) >= 1  # the subscriber connection is reused...
     # ...its last UNSUBSCRIBE sent but not waited for; checked out (which reads the
     # confirmation), it has no subscription, and the server agrees.
-    idle = len(backend._idle)
-    subs = [backend._checkout() for _ in range(idle)]
+    idle = len(backend._waiter._idle)
+    subs = [backend._waiter._checkout() for _ in range(idle)]
     assert all(not sub.subscribed and not sub.channels for sub in subs)
     for sub in subs:
-        backend._checkin(sub, clean=True)
-    assert len(backend._idle) == idle
+        backend._waiter._checkin(sub, clean=True)
+    assert len(backend._waiter._idle) == idle
     channels = [backend.task_key(t) for t in pending]
     assert all(count == 0 for _, count in admin.pubsub_numsub(*channels))
     assert admin.pubsub_channels(f"{prefix}*") == []
@@ -187,12 +187,12 @@ def test_idle_subscriber_dropped_before_its_unsubscribe_was_read(prefix: str,
             waiter.mark_as_started(f"idle-{i}")
         threading.Timer(0.05, waiter.mark_as_done, args=("idle-0", 0)).start()
         assert waiter.wait_for("idle-0", 30)["result"] == 0
-        [idle] = waiter._idle
+        [idle] = waiter._waiter._idle
         assert idle.subscribed  # the unsubscription is not confirmed yet
         assert _kill_clients(admin, name) >= 1
         threading.Timer(0.05, waiter.mark_as_done, args=("idle-1", 1)).start()
         assert waiter.wait_for("idle-1", 30)["result"] == 1
-        assert waiter._idle and waiter._idle[0] is not idle
+        assert waiter._waiter._idle and waiter._waiter._idle[0] is not idle
     finally:
         waiter.close()
 

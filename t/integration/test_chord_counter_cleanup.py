@@ -21,9 +21,9 @@ import sqlalchemy as sa
 
 from taskframe import Taskframe, signals, states
 from taskframe.backends import Backend, BackendOptions, create_backend
+from taskframe.backends.chord_counter import counter_key
 from taskframe.backends.database import DatabaseBackend
 from taskframe.canvas.chord_completion import on_chord_part_return
-from taskframe.canvas.counter import counter_key
 from taskframe.context import Context
 from taskframe.protocol import group_tuple, result_tuple
 

@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import ClassVar
 
 import pytest
 
 from taskframe import states
 from taskframe.backends import BackendOptions, create_backend, scheme_of
+from taskframe.backends.chord_counter import CounterChordStore
 from taskframe.backends.database import DatabaseBackend
 from taskframe.backends.disabled import DisabledBackend
 from taskframe.backends.memory import MemoryBackend
+from taskframe.backends.redis import RedisBackend
+from taskframe.backends.redis_chord import RedisChordStore
 from taskframe.errors import BackendNotConfigured, ImproperlyConfigured
 
 
@@ -58,3 +62,30 @@ def test_disabled_backend_drops_writes_and_refuses_reads() -> None:
                  lambda: backend.restore_group("g"), lambda: backend.incr("k")):
         with pytest.raises(BackendNotConfigured, match="result_backend"):
             read()
+
+
+def test_each_backend_says_how_it_counts_chords() -> None:
+    class NoCounter(MemoryBackend):
+        implements_incr: ClassVar[bool] = False
+
+    memory = MemoryBackend()
+    store = memory.chord_store()
+    assert isinstance(store, CounterChordStore) and store.backend is memory
+    assert NoCounter().chord_store() is None  # celery.chord_unlock polls
+    redis_backend = RedisBackend("redis://127.0.0.1:1/0")  # connects on first use only
+    try:
+        assert isinstance(redis_backend.chord_store(), RedisChordStore)
+    finally:
+        redis_backend.close()
+
+
+def test_the_counter_store_adds_a_part_only_to_a_recorded_header() -> None:
+    backend = MemoryBackend()
+    store = backend.chord_store()
+    assert store is not None
+    with pytest.raises(ValueError, match="no header state"):
+        store.add_part("g", "c")
+    store.record_header("g", ["a", "b"])
+    store.add_part("g", "c")
+    saved = backend.restore_group("g")
+    assert [child[0][0] for child in saved[1]] == ["a", "b", "c"]

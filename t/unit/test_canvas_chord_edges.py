@@ -210,11 +210,12 @@ def test_counters_and_header_are_deleted_after_the_body_is_sent(app: Taskframe, 
 
 def test_a_late_part_that_read_the_header_before_the_winner_deleted_it_fires_nothing(
         app: Taskframe, tasks: Any) -> None:
-    """Case (c) of ``taskframe.chord_counter.forget``, interleaved by hand: a late copy
-    reads the header, then the winner fires and cleans up, then the copy takes the claim."""
+    """Case (c) of ``CounterChordStore.release`` (``backends.chord_counter``), interleaved
+    by hand: a late copy reads the header, then the winner fires and cleans up, then the
+    copy takes the claim."""
     from taskframe import signals
+    from taskframe.backends.chord_counter import counter_key
     from taskframe.canvas.chord_completion import on_chord_part_return
-    from taskframe.canvas.counter import counter_key
     from taskframe.protocol.results import group_tuple, result_tuple
 
     class Interleaved(MemoryBackend):

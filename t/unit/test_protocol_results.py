@@ -17,6 +17,7 @@ from taskframe.protocol import (
     decode_exception,
     decode_result,
     encode_exception,
+    flatten_ids,
     group_tuple,
     make_meta,
     result_tuple,
@@ -85,6 +86,15 @@ def test_result_and_group_tuples() -> None:
     assert result_tuple("a", parent) == [["a", [["p", None], None]], None]
     assert group_tuple("g", [result_tuple("a"), result_tuple("b")]) == [
         ["g", None], [[["a", None], None], [["b", None], None]]]
+
+
+def test_flatten_ids_of_result_tuples() -> None:
+    inner = group_tuple("inner", [result_tuple("b"), result_tuple("c")])
+    header = group_tuple("g", [result_tuple("a"), inner, result_tuple("d")])
+    assert flatten_ids(header) == ["a", "b", "c", "d"]  # a group's ids, nested ones in order
+    assert flatten_ids(header[1]) == ["a", "b", "c", "d"]  # a list of tuples: the same
+    assert flatten_ids(result_tuple("a", result_tuple("p"))) == ["a"]  # not the parent
+    assert flatten_ids([]) == [] and flatten_ids(None) == [] and flatten_ids("a") == []
 
 
 def test_decode_result() -> None:

@@ -5,8 +5,10 @@
 * ``primitives``: ``chain``, ``group``, ``chunks``, ``xmap``, ``xstarmap``.
 * ``chords``: the ``chord`` primitive and how a chord is sent (its count recorded first).
 * ``chord_completion``: how a chord ends on the worker: parts counted, the body sent once.
-* ``counter``: the chord counter kept in a result backend (``Backend.incr``) and its cleanup.
 * ``callbacks``: links and errbacks of a canvas that failed (errbacks, chains failed onward).
+
+Chords are counted by the result backend's chord store (``Backend.chord_store()``, see
+``taskframe.backends.chord``), or polled by ``celery.chord_unlock`` when it has none.
 
 Import from here (or from ``taskframe``); the modules are the package's own layout.
 """

@@ -1,8 +1,9 @@
 """How a chord ends, on the worker: each header task counts itself, the last sends the body.
 
-``on_chord_part_return`` runs after a header task stored its outcome. The part that
-completes the count (and, on the counter path, sees every header result ready and wins a
-second ``incr``) reads the results in header order and sends the body, once. A failed
+``on_chord_part_return`` runs after a header task stored its outcome and counts it in the
+backend's chord store (``Backend.chord_store()``). The part that completes the count (and,
+on the counter path, sees every header result ready and wins a second ``incr``) gets the
+results in header order and sends the body, once; the store then forgets the chord. A failed
 header task fails the body with ``ChordError`` and calls the body's errbacks instead; so
 does one that ends REVOKED (expired, revoked, terminated), which the worker counts with
 ``on_revoked``.
@@ -15,9 +16,8 @@ from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from taskframe import states
-from taskframe.canvas import counter, redis_store
+from taskframe.backends.chord import Part
 from taskframe.canvas.callbacks import fail_signature
-from taskframe.canvas.counter import Part
 from taskframe.canvas.signatures import Signature
 from taskframe.context import Context
 from taskframe.errors import ChordError, TaskRevokedError
@@ -36,25 +36,20 @@ def on_chord_part_return(task: Task[Any, Any], ctx: Context, state: str, value: 
     if not ctx.group or not ctx.chord:
         return
     app = task.app
-    backend = app.backend
+    group_id = str(ctx.group)
     try:
-        if redis_store.handles(backend):
-            claim = redis_store.part_return(backend, ctx, state, value)
-            if claim is None:
-                return
-            try:
-                finish_chord(app, ctx, claim.parts, shape=claim.shape)
-            finally:
-                redis_store.release(backend, ctx.group, claim)
-            return
-        if not backend.implements_incr:
+        store = app.backend.chord_store()
+        if store is None:
             return  # celery.chord_unlock polls for this chord
-        fired = counter.part_return(backend, ctx)
-        if fired is not None:
-            try:
-                finish_chord(app, ctx, *fired)
-            finally:
-                counter.forget(backend, str(ctx.group))
+        size = ctx.chord.get("chord_size")
+        fired = store.count_part(group_id, str(ctx.id), state, value, index=ctx.group_index,
+                                 size=None if size is None else int(size))
+        if fired is None:
+            return
+        try:
+            finish_chord(app, ctx, fired.parts, shape=fired.shape)
+        finally:
+            store.release(group_id, fired)
     except Exception:
         logger.exception("chord %s: counting part %s failed", ctx.group, ctx.id)
 

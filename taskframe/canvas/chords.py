@@ -1,17 +1,17 @@
 """The chord primitive, and how a chord is sent: the header gets the body, the backend a count.
 
 ``start_chord`` gives every header task the body (``chord`` in the message embed), a
-``group_id`` and its ``group_index``, and records the header in the result backend before
-sending anything:
+``group_id`` and its ``group_index``, and records the header in the backend's chord store
+(``Backend.chord_store()``, ``taskframe.backends.chord``) before sending anything:
 
 * Redis backend: Celery's own chord keys (``celery-taskset-meta-<gid>.s`` holds the size;
-  parts go to ``.j``, see ``canvas.redis_store``), so Celery and taskframe workers count
-  the same chord together.
+  parts go to ``.j``, see ``backends.redis_chord``), so Celery and taskframe workers
+  count the same chord together.
 * Any other backend with a counter (database, GCS, memory): the header's task ids are
-  saved as a group and each part ``incr``\\ s ``chord-unlock-<gid>`` (``canvas.counter``;
-  the counters are deleted once the body is sent).
-* A backend without a counter: Celery's ``celery.chord_unlock`` task polls (the only
-  polling path; ``client.builtins``).
+  saved as a group and each part ``incr``\\ s ``chord-unlock-<gid>``
+  (``backends.chord_counter``; the counters are deleted once the body is sent).
+* A backend without a counter (no chord store): Celery's ``celery.chord_unlock`` task
+  polls (the only polling path; ``client.builtins``).
 
 How the count ends, on the worker, is ``canvas.chord_completion``. ``Task.replace`` and
 ``Task.add_to_chord`` are here too (``replace_task``, ``add_to_chord``).
@@ -22,14 +22,12 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
-from taskframe.canvas import redis_store
 from taskframe.canvas.primitives import _Composite, chain, group
 from taskframe.canvas.signatures import Signature, _new_id, _sendable, as_list, maybe_signature
-from taskframe.protocol.results import group_tuple, result_tuple
+from taskframe.protocol.results import result_tuple
 from taskframe.result.group import GroupResult
 
 if TYPE_CHECKING:
-    from taskframe.backends.base import Backend
     from taskframe.client.app import Taskframe
     from taskframe.client.task import Task
 
@@ -160,10 +158,6 @@ class chord(_Composite):  # Celery's lower-case name
 Signature.TYPES["chord"] = chord
 
 
-def _has_counter(backend: Backend) -> bool:
-    return backend.implements_incr
-
-
 # -- client side ------------------------------------------------------------------------
 
 
@@ -243,11 +237,9 @@ def start_chord(app: Taskframe, header: group, body: Signature, args: Sequence[A
 
 def _record_header(app: Taskframe, group_id: str, ids: list[str],
                    body: dict[str, Any]) -> None:
-    backend = app.backend
-    if redis_store.handles(backend):
-        redis_store.set_chord_size(backend, group_id, len(ids))
-    elif _has_counter(backend):
-        backend.save_group(group_id, group_tuple(group_id, [result_tuple(i) for i in ids]))
+    store = app.backend.chord_store()
+    if store is not None:
+        store.record_header(group_id, ids)
     else:
         app.send_task(
             "celery.chord_unlock", (group_id, body),
@@ -311,15 +303,11 @@ def add_to_chord(task: Task[Any, Any], sig: Mapping[str, Any], lazy: bool = Fals
     new = maybe_signature(sig, app=app).clone()
     new.set(group_id=request.group, chord=request.chord)
     result = new.freeze(root_id=request.root_id)
-    backend = app.backend
-    if redis_store.handles(backend):
-        redis_store.add_to_chord(backend, request.group)
-    else:
-        saved = backend.restore_group(request.group)
-        if saved is None:
-            raise ValueError(f"chord {request.group}: no header state to add to")
-        saved[1].append(result_tuple(str(result.id)))
-        backend.save_group(request.group, saved)
+    store = app.backend.chord_store()
+    if store is None:  # celery.chord_unlock polls the header it was sent with
+        raise ValueError(f"chord {request.group}: no header state to add to "
+                         f"(result backend {app.backend!r} has no chord counter)")
+    store.add_part(request.group, str(result.id))
     if lazy:
         return new
     return new.apply_async()

@@ -356,29 +356,6 @@ def maybe_signature(data: Any, app: Taskframe | None = None, clone: bool = False
     return Signature.from_dict(data, app=app)
 
 
-def flatten_ids(result: Any) -> list[str]:
-    """The task ids of a result handle, of Celery's result tuple, or of a list of those."""
-    children = getattr(result, "results", None)
-    if children is not None:
-        return [tid for child in children for tid in flatten_ids(child)]
-    if hasattr(result, "id") and not isinstance(result, list | tuple):
-        return [str(result.id)]
-    if not isinstance(result, list | tuple):
-        return []
-    if _is_result_tuple(result):
-        head, nested = result
-        if nested:
-            return [tid for child in nested for tid in flatten_ids(child)]
-        return [str(head[0])]
-    return [tid for item in result for tid in flatten_ids(item)]
-
-
-def _is_result_tuple(value: Sequence[Any]) -> bool:
-    """``[[id, parent], children]``: Celery's serialized result."""
-    return (len(value) == 2 and isinstance(value[0], list | tuple) and len(value[0]) == 2
-            and isinstance(value[0][0], str))
-
-
 def as_list(tasks: Iterable[Any] | Any) -> list[Any]:
     """The parts given to ``chain(...)``/``group(...)`` either spread or as one iterable."""
     if isinstance(tasks, Mapping):

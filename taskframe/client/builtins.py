@@ -15,10 +15,8 @@ from typing import TYPE_CHECKING, Any
 from taskframe import states
 from taskframe.canvas import Signature, chunks
 from taskframe.canvas.chord_completion import send_body_or_fail
-from taskframe.canvas.counter import fetch_metas
-from taskframe.canvas.signatures import flatten_ids
 from taskframe.client.task import Task
-from taskframe.protocol.results import decode_result
+from taskframe.protocol.results import decode_result, flatten_ids
 
 if TYPE_CHECKING:
     from taskframe.client.app import Taskframe
@@ -60,7 +58,8 @@ def _chord_unlock(self: Task[Any, Any], group_id: str, callback: Any,
     """Poll the header of a chord; send (or fail) the body once every part is ready."""
     app = self.app
     ids = flatten_ids(result or [])
-    metas = fetch_metas(app.backend, ids)
+    found = app.backend.get_task_metas(ids)  # one round trip where the backend can
+    metas = [found[tid] for tid in ids]
     if any(meta.get("status") not in states.READY_STATES for meta in metas):
         delay = interval if interval is not None else app.conf.result_chord_retry_interval
         raise self.retry(countdown=delay, max_retries=max_retries)

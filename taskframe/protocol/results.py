@@ -22,7 +22,7 @@ import builtins
 import json
 import sys
 import threading
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, TypedDict
@@ -35,6 +35,7 @@ __all__ = [
     "decode_exception",
     "decode_result",
     "encode_exception",
+    "flatten_ids",
     "group_tuple",
     "make_meta",
     "result_tuple",
@@ -100,6 +101,28 @@ def group_tuple(group_id: str, children: list[Any],
                 parent: list[Any] | None = None) -> list[Any]:
     """Celery's tuple for a group: ``[[group_id, parent_tuple], [child tuples...]]``."""
     return [[group_id, parent], list(children)]
+
+
+def flatten_ids(result: Any) -> list[str]:
+    """The task ids of Celery's result tuple, or of a list of them, in order.
+
+    A group's tuple gives the ids of its children (nested groups flattened); any
+    other value gives none.
+    """
+    if not isinstance(result, list | tuple):
+        return []
+    if _is_result_tuple(result):
+        head, nested = result
+        if nested:
+            return [tid for child in nested for tid in flatten_ids(child)]
+        return [str(head[0])]
+    return [tid for item in result for tid in flatten_ids(item)]
+
+
+def _is_result_tuple(value: Sequence[Any]) -> bool:
+    """``[[id, parent], children]``: Celery's serialized result."""
+    return (len(value) == 2 and isinstance(value[0], list | tuple) and len(value[0]) == 2
+            and isinstance(value[0][0], str))
 
 
 def make_meta(
