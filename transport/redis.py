@@ -86,19 +86,19 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
-import uuid
 from collections.abc import Mapping, Sequence
 from typing import Any, ClassVar
 
 import redis
-import redis.client
 from redis.commands.core import Script
 
 from . import redis_scripts as lua
 from . import redis_upkeep as upkeep
-from .base import Envelope, Message, MessageState, Transport
+from .base import Envelope, Message, Transport
 from .entities import Exchange, Queue
-from .errors import BrokerConnectionError, DecodeError, ImproperlyConfigured, TransportError
+from .errors import BrokerConnectionError, ImproperlyConfigured
+from .redis_bindings import Bindings
+from .redis_claims import Claims
 from .redis_fanout import FanoutSubscriber
 from .redis_layout import (
     DEFAULT_PRIORITY_STEPS,
@@ -109,16 +109,13 @@ from .redis_layout import (
     UNACKED_MUTEX_KEY,
     KeyLayout,
     build_client,
-    decode_envelope,
     encode_envelope,
-    mark_redelivered,
     ordered,
-    queue_expires,
     text,
-    topic_pattern,
     translate_errors,
 )
-from .redis_wake import Waker, wait_readable
+from .redis_messages import fanout_message, list_message
+from .redis_wake import IdleWait
 from .url import safe_url
 
 __all__ = ["RedisTransport"]
@@ -131,9 +128,6 @@ DEFAULT_VISIBILITY_TIMEOUT = 3600.0
 _FULL_WAIT = 0.05
 # Delayed messages are looked for at most this often by poll() (maintain() always).
 _PROMOTE_EVERY = 0.25
-# kombu 5.7: a binding table of an expiring queue lives max(2 x x-expires, 1 h).
-_MIN_BINDING_TTL_MS = 3_600_000
-_CONTENT_INVALID = "application/x-taskframe-unreadable"
 
 
 class RedisTransport(Transport):
@@ -171,27 +165,22 @@ class RedisTransport(Transport):
             opts.get("unacked_restore_interval", min(10.0, self.visibility_timeout / 4))
         )
         self._restore_limit = int(opts.get("unacked_restore_limit") or 100)
-        self._interval_min = float(opts.get("polling_interval", 0.005))
-        self._interval_max = float(opts.get("polling_interval_max", 0.1))
+        interval_min = float(opts.get("polling_interval", 0.005))
+        interval_max = float(opts.get("polling_interval_max", 0.1))
         self._max_batch = int(opts.get("max_batch", 100))
         self._client: redis.Redis | None = None
         self._fanout: FanoutSubscriber | None = None
-        self._waker: Waker | None = None
-        self._waker_refused = not opts.get("wake_ups", True)
         self._scripts: dict[str, Script] = {}
-        self._exchange_types: dict[str, str] = {}
-        self._expires: dict[str, int] = {}  # queue -> x-expires ms
-        self._bindings: dict[str, tuple[str, str, str]] = {}  # queue -> (exchange, rk, pattern)
+        # The parts below keep this layout: connect() changes only its fanout channels.
+        self._bindings = Bindings(self._layout)
+        self._claims = Claims(self._layout, self.visibility_timeout, repr(self))
+        self._idle = IdleWait(interval_min, interval_max,
+                              wake_ups=bool(opts.get("wake_ups", True)), longest=_PROMOTE_EVERY)
         self._consumed: dict[str, Queue] = {}  # list-consumed queues, in order
-        self._held: dict[str, str] = {}  # tag -> list key it was taken from
-        self._acks_due: list[str] = []  # acked by ack_many, sent with the next claim
         self._prefetch = 0
         self._rotation = 0
-        self._interval = self._interval_min
-        self._refreshed_at = 0.0
         self._restored_at = 0.0
         self._promoted_at = 0.0
-        self._bindings_refreshed_at = 0.0
 
     def __repr__(self) -> str:
         return f"<RedisTransport {self._safe_url()}>"
@@ -215,57 +204,22 @@ class RedisTransport(Transport):
             client.close()
             raise
         self._client = client
-        self._scripts = {
-            name: client.register_script(source)
-            for name, source in (
-                ("claim", lua.CLAIM), ("requeue", lua.REQUEUE),
-                ("restore", lua.RESTORE_EXPIRED), ("promote", lua.PROMOTE_DELAYED),
-                ("refresh_binding", lua.REFRESH_BINDING), ("release", lua.RELEASE_LOCK),
-            )
-        }
+        self._scripts = lua.register(client)
 
     def close(self) -> None:
         client = self._client
         if client is None:
             return
-        try:
-            self._send_acks()
-        except TransportError as exc:
-            logger.warning("%r: could not ack %d message(s) (%s); they run again after the "
-                           "visibility timeout (%.0f s)", self, len(self._acks_due), exc,
-                           self.visibility_timeout)
+        self._claims.release(client, self._scripts["requeue"])
         self._client = None
-        if self._held:
-            held, self._held = self._held, {}
-            try:
-                self._give_back(client, held)
-            except TransportError as exc:
-                logger.warning(
-                    "%r: could not give back %d held message(s) (%s); they come back after "
-                    "the visibility timeout (%.0f s)", self, len(held), exc,
-                    self.visibility_timeout,
-                )
         fanout, self._fanout = self._fanout, None
         try:
-            self._drop_waker()
+            self._idle.drop()
             if fanout is not None:
                 fanout.close()
             client.close()
         except (redis.exceptions.RedisError, OSError) as exc:
             logger.debug("%r: closing: %s", self, exc)
-
-    def _give_back(self, client: redis.Redis, held: Mapping[str, str]) -> None:
-        layout = self._layout
-        with translate_errors("giving back held messages"):
-            values = client.hmget(layout.key(layout.unacked), list(held))
-            for (tag, key), value in zip(held.items(), values, strict=True):
-                if value is None:
-                    continue
-                raw = upkeep.stored_envelope(text(value))
-                self._scripts["requeue"](
-                    keys=[layout.key(layout.unacked), layout.key(layout.unacked_index), key],
-                    args=[tag, mark_redelivered(raw), "RPUSH"], client=client,
-                )
 
     @property
     def connected(self) -> bool:
@@ -279,43 +233,10 @@ class RedisTransport(Transport):
     # -- topology -----------------------------------------------------------------------
 
     def declare(self, queue: Queue) -> None:
-        client = self._redis()
-        exchange = queue.bound_exchange
-        expires = queue_expires(queue.arguments)
-        if expires is not None:
-            self._expires[queue.name] = expires
-        else:
-            self._expires.pop(queue.name, None)
-        if not exchange.name:
-            return
-        self.declare_exchange(exchange)
-        routing_key = queue.bound_routing_key
-        pattern = topic_pattern(routing_key) if exchange.type == "topic" else ""
-        self._bindings[queue.name] = (exchange.name, routing_key, pattern)
-        self._write_binding(client, exchange.name, routing_key, pattern, queue.name)
-
-    def _write_binding(
-        self, client: redis.Redis | redis.client.Pipeline, exchange: str, routing_key: str,
-        pattern: str, queue: str,
-    ) -> None:
-        layout = self._layout
-        member = layout.member(routing_key, pattern, queue)
-        with translate_errors(f"binding {queue!r} to {exchange!r}"):
-            if queue in self._expires:
-                ttl = max(self._expires[queue] * 2, _MIN_BINDING_TTL_MS)
-                self._scripts["refresh_binding"](
-                    keys=[layout.binding_key(exchange), layout.binding_deadlines_key],
-                    args=[member, exchange, ttl], client=client,
-                )
-            else:
-                pipe = client.pipeline()
-                pipe.sadd(layout.binding_key(exchange), member)
-                pipe.sadd(layout.binding_permanent_key(exchange), member)
-                pipe.execute()
+        self._bindings.declare(self._redis(), self._scripts["refresh_binding"], queue)
 
     def declare_exchange(self, exchange: Exchange) -> None:
-        if exchange.name:
-            self._exchange_types[exchange.name] = exchange.type
+        self._bindings.declare_exchange(exchange)
 
     # -- publishing -----------------------------------------------------------------------
 
@@ -329,17 +250,18 @@ class RedisTransport(Transport):
     ) -> None:
         client = self._redis()
         layout = self._layout
+        bindings = self._bindings
         try:
             priority = int(envelope.properties.get("priority") or 0)
         except (TypeError, ValueError):
             priority = 0
         where = f"{exchange!r}/{routing_key!r}"
-        if self._exchange_types.get(exchange) == "fanout":
+        if bindings.exchange_types.get(exchange) == "fanout":
             payload = encode_envelope(envelope, exchange, routing_key, priority)
             with translate_errors(f"publishing to {where}"):
                 client.publish(layout.fanout_channel(exchange, routing_key), payload)
             return
-        queues = [routing_key] if not exchange else self._route(client, exchange, routing_key)
+        queues = [routing_key] if not exchange else bindings.route(client, exchange, routing_key)
         if not queues:
             logger.warning("%r: no queue bound for %s; message dropped", self, where)
             return
@@ -355,19 +277,8 @@ class RedisTransport(Transport):
                     pipe.zadd(layout.delayed_key, {f"{name}\n{payload}": due})
                 else:
                     pipe.lpush(layout.key(name), payload)
-                self._touch_expiring(pipe, queue)
+                bindings.touch(pipe, queue)
             pipe.execute()
-
-    def _route(self, client: redis.Redis, exchange: str, routing_key: str) -> list[str]:
-        with translate_errors(f"reading the bindings of {exchange!r}"):
-            return upkeep.route(client, self._layout, self._exchange_types.get(exchange),
-                                exchange, routing_key)
-
-    def _touch_expiring(self, pipe: redis.client.Pipeline, queue: str) -> None:
-        expires = self._expires.get(queue)
-        if expires is not None:
-            for key in self._layout.list_keys(queue):
-                pipe.pexpire(key, expires)
 
     # -- consuming ------------------------------------------------------------------------
 
@@ -384,12 +295,12 @@ class RedisTransport(Transport):
                     self._fanout.add(pattern, queue.name)
             elif queue.name not in self._consumed:
                 self._consumed[queue.name] = queue
-                self._drop_waker()  # reopened for the new set of queues
+                self._idle.drop()  # reopened for the new set of queues
         self._prefetch = prefetch_count
 
     def cancel(self, queue_name: str) -> None:
         if self._consumed.pop(queue_name, None) is not None:
-            self._drop_waker()
+            self._idle.drop()
         if self._fanout is not None:
             with translate_errors("unsubscribing from a fanout exchange"):
                 self._fanout.remove(queue_name)
@@ -398,75 +309,33 @@ class RedisTransport(Transport):
         self._prefetch = prefetch_count
 
     def poll(self, timeout: float | None = None) -> list[Message]:
-        self._redis()
+        client = self._redis()
+        claims = self._claims
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
             messages = self._receive_fanout(0.0)
             if time.monotonic() - self._promoted_at >= _PROMOTE_EVERY:
                 self._promote()
-            room = self._max_batch if self._prefetch <= 0 else self._prefetch - len(self._held)
+            room = self._max_batch if self._prefetch <= 0 else self._prefetch - len(claims.held)
             full = room <= 0 and bool(self._consumed)
             if not full and self._consumed:
-                messages += self._claim(min(room, self._max_batch))
-            elif self._acks_due:
-                self._send_acks()
-            if messages or full:
-                self._disarm()
+                messages += self._claim(client, min(room, self._max_batch))
+            elif claims.acks_due:
+                claims.send_acks(client)
             if messages:
-                self._interval = self._interval_min
+                self._idle.busy()
                 return messages
+            if full:
+                self._idle.pause()
             remaining = None if deadline is None else deadline - time.monotonic()
             if remaining is not None and remaining <= 0:
                 return []
             if full:
                 time.sleep(_FULL_WAIT if remaining is None else min(_FULL_WAIT, remaining))
                 return []
-            self._wait(remaining)
-
-    def _wait(self, remaining: float | None) -> None:
-        """Sleep until a consumed list or fanout subscription may have something.
-
-        With a ``Waker`` the wait ends on a push from the server and lasts at most
-        ``_PROMOTE_EVERY``; without one it is the polling back-off.
-        """
-        with translate_errors("waiting for messages"):
-            waker = self._waker
-            if waker is None and self._consumed and not self._waker_refused:
-                self._waker = Waker.open(self._redis(), map(self._layout.key, self._consumed))
-                self._waker_refused = self._waker is None
-                if self._waker is not None:
-                    return  # take once more: something may have come before the pushes
-            if waker is not None and not waker.armed:
-                waker.arm()
-                return  # likewise
-            if waker is not None:
-                wait = _PROMOTE_EVERY
-            else:
-                wait = self._interval
-                self._interval = min(self._interval * 2, self._interval_max)
-            if remaining is not None:
-                wait = min(wait, remaining)
             fanout = self._fanout if self._fanout else None
-            if waker is None and fanout is None:
-                time.sleep(wait)
-                return
-            ready = (waker is not None and waker.pending()) or (
-                fanout is not None and fanout.pending())
-            if not ready:
-                wait_readable([waker.socket() if waker else None,
-                               fanout.socket() if fanout else None], wait)
-            if waker is not None:
-                waker.drain()
-
-    def _disarm(self) -> None:
-        if self._waker is not None and self._waker.armed:
-            with translate_errors("pausing wake-ups"):
-                self._waker.disarm()
-
-    def _drop_waker(self) -> None:
-        waker, self._waker = self._waker, None
-        if waker is not None:
-            waker.close()
+            prefixes = [self._layout.key(name) for name in self._consumed]
+            self._idle.wait(client, prefixes, fanout, remaining)
 
     def _list_keys(self) -> tuple[list[str], list[str]]:
         """The lists to take from, in order, and the queue name of each."""
@@ -485,161 +354,50 @@ class RedisTransport(Transport):
                 queues.append(name)
         return keys, queues
 
-    def _claim(self, limit: int) -> list[Message]:
-        client = self._redis()
-        layout = self._layout
+    def _claim(self, client: redis.Redis, limit: int) -> list[Message]:
         keys, queues = self._list_keys()
-        acks = self._acks_due
-        with translate_errors("taking messages"):
-            reply = self._scripts["claim"](
-                keys=[layout.key(layout.unacked), layout.key(layout.unacked_index), *keys],
-                args=[limit, time.time(), f"taskframe-{uuid.uuid4()}-", len(acks), *acks,
-                      *queues],
-                client=client,
-            )
-            self._acks_due = []
-            lost = int(reply[0])
-            for tag in reply[1:1 + lost]:
-                self._warn_lost("ack", text(tag))
-            reply = reply[1 + lost:]
-            if self._expires:
+        reply = self._claims.claim(client, self._scripts["claim"], keys, queues, limit)
+        if self._bindings.expires:
+            with translate_errors("taking messages"):
                 pipe = client.pipeline(transaction=False)
                 for name in {queues[int(reply[i + 2]) - 1] for i in range(0, len(reply), 3)}:
-                    self._touch_expiring(pipe, name)
+                    self._bindings.touch(pipe, name)
                 pipe.execute()
+        held = self._claims.held
         messages = []
         for i in range(0, len(reply), 3):
             tag, raw, index = text(reply[i]), text(reply[i + 1]), int(reply[i + 2]) - 1
-            self._held[tag] = keys[index]
-            messages.append(self._to_message(tag, raw, queues[index]))
+            held[tag] = keys[index]
+            messages.append(list_message(self, tag, raw, queues[index]))
         return messages
-
-    def _to_message(self, tag: str, raw: str, queue: str) -> Message:
-        try:
-            env = decode_envelope(raw)
-        except DecodeError as exc:
-            logger.error("%r: unreadable message in %r (%s); handing it on as %s",
-                         self, queue, exc, _CONTENT_INVALID)
-            return Message(self, body=raw.encode("utf-8"), delivery_tag=tag,
-                           content_type=_CONTENT_INVALID, content_encoding="binary",
-                           delivery_info={"exchange": "", "routing_key": queue, "priority": 0,
-                                          "redelivered": False, "queue": queue})
-        return Message(
-            self, body=env.body, delivery_tag=tag, content_type=env.content_type,
-            content_encoding=env.content_encoding, headers=env.headers,
-            properties=env.properties,
-            delivery_info={"exchange": env.exchange, "routing_key": env.routing_key,
-                           "priority": env.priority, "redelivered": env.redelivered,
-                           "queue": queue},
-        )
 
     def _receive_fanout(self, wait: float) -> list[Message]:
         if not self._fanout:
             return []
         with translate_errors("receiving fanout messages"):
             received = self._fanout.receive(wait)
-        return [
-            Message(self, body=env.body, delivery_tag=env.tag or str(uuid.uuid4()),
-                    content_type=env.content_type, content_encoding=env.content_encoding,
-                    headers=env.headers, properties=env.properties,
-                    delivery_info={"exchange": env.exchange, "routing_key": env.routing_key,
-                                   "priority": env.priority, "redelivered": False,
-                                   "queue": queue})
-            for queue, env in received
-        ]
+        return [fanout_message(self, queue, env) for queue, env in received]
 
     def ack(self, message: Message) -> None:
-        self._forget(message, "ack")
+        tag = str(message.delivery_tag)
+        if tag in self._claims.held:  # else a fanout message: nothing is held
+            self._claims.forget(self._redis(), tag, "ack")
 
     def ack_many(self, messages: Sequence[Message]) -> None:
-        """Ack held messages; the acks reach Redis with the next claim, in its script.
-
-        py-spy on a no-op drain showed one pipeline round trip per ack taking a third
-        of the consumer's time, then (batched in one MULTI/EXEC) a fifth, next to the
-        claim's own round trip. Now the ZREM and HDEL of each tag run at the start of
-        the claim script, or on their own (``_send_acks``) when no claim comes first:
-        a poll that takes nothing, ``maintain()``, ``close()``. Until then the messages
-        are no longer refreshed; a crash in between runs them again, as a lost ack would.
-        """
+        """Ack held messages; the acks reach Redis with the next claim (``Claims.ack_later``)."""
         if len(messages) == 1:
             messages[0].ack()
             return
-        for message in messages:
-            message._check_unsettled()
-        for message in messages:
-            tag = str(message.delivery_tag)
-            if self._held.pop(tag, None) is not None:
-                self._acks_due.append(tag)
-            message.state = MessageState.ACKED
-
-    def _send_acks(self) -> None:
-        """Send the acks that ``ack_many`` keeps for the next claim, in one MULTI/EXEC."""
-        if not self._acks_due:
-            return
-        client = self._redis()
-        layout = self._layout
-        unacked = layout.key(layout.unacked)
-        acks, self._acks_due = self._acks_due, []
-        with translate_errors(f"ack of {len(acks)} message(s)"):
-            pipe = client.pipeline()
-            pipe.zrem(layout.key(layout.unacked_index), *acks)
-            for tag in acks:
-                pipe.hdel(unacked, tag)
-            removed = pipe.execute()[1:]
-        for tag, count in zip(acks, removed, strict=True):
-            if not count:
-                self._warn_lost("ack", tag)
+        self._claims.ack_later(messages)
 
     def reject(self, message: Message, *, requeue: bool) -> None:
-        if not requeue:
-            self._forget(message, "reject")
-            return
         tag = str(message.delivery_tag)
-        key = self._held.get(tag)
-        if key is None:
+        if tag not in self._claims.held:
             return  # a fanout message: nothing is held
-        client = self._redis()
-        layout = self._layout
-        try:
-            with translate_errors(f"requeue of message {tag}"):
-                value = client.hget(layout.key(layout.unacked), tag)
-                done = 0
-                if value is not None:
-                    done = self._scripts["requeue"](
-                        keys=[layout.key(layout.unacked), layout.key(layout.unacked_index), key],
-                        args=[tag, mark_redelivered(upkeep.stored_envelope(text(value))), "LPUSH"],
-                        client=client,
-                    )
-        finally:
-            del self._held[tag]
-        if not done:
-            self._warn_lost("requeue", tag)
-
-    def _forget(self, message: Message, action: str) -> None:
-        tag = str(message.delivery_tag)
-        if tag not in self._held:
-            return  # a fanout message: nothing is held
-        client = self._redis()
-        layout = self._layout
-        try:
-            with translate_errors(f"{action} of message {tag}"):
-                pipe = client.pipeline()
-                pipe.zrem(layout.key(layout.unacked_index), tag)
-                pipe.hdel(layout.key(layout.unacked), tag)
-                _, removed = pipe.execute()
-        finally:
-            # Not refreshed any more: if the ack did not land, the message is restored
-            # after the visibility timeout instead of being held forever.
-            del self._held[tag]
-        if not removed:
-            self._warn_lost(action, tag)
-
-    def _warn_lost(self, action: str, tag: str) -> None:
-        logger.warning(
-            "%r: %s of message %s: it was no longer held (restored after the visibility "
-            "timeout of %.1f s?); another consumer may run it again",
-            self, action, tag, self.visibility_timeout,
-        )
+        if requeue:
+            self._claims.requeue(self._redis(), self._scripts["requeue"], tag)
+        else:
+            self._claims.forget(self._redis(), tag, "reject")
 
     # -- upkeep ---------------------------------------------------------------------------
 
@@ -650,27 +408,14 @@ class RedisTransport(Transport):
         messages are looked for every ``unacked_restore_interval`` seconds.
         """
         client = self._redis()
-        self._send_acks()  # the loop may not poll for long (all its work reserved)
+        self._claims.send_acks(client)  # the loop may not poll for long (all its work reserved)
         now = time.time()
-        if self._held and now - self._refreshed_at >= min(self.visibility_timeout / 10, 30.0):
-            self._refresh_claims(client, now)
+        self._claims.refresh(client, now)
         self._promote()
         if now - self._restored_at >= self._restore_every:
             self._restored_at = now
             self.restore_expired()
-        if self._expires and now - self._bindings_refreshed_at >= 600.0:
-            self._bindings_refreshed_at = now
-            for queue, (exchange, routing_key, pattern) in self._bindings.items():
-                if queue in self._expires:
-                    self._write_binding(client, exchange, routing_key, pattern, queue)
-
-    def _refresh_claims(self, client: redis.Redis, now: float) -> None:
-        with translate_errors("refreshing claims"):
-            changed = upkeep.refresh_claims(client, self._layout, self._held, now)
-        self._refreshed_at = now
-        if changed < len(self._held):
-            logger.warning("%r: %d held message(s) lost their claim; another consumer may "
-                           "run them", self, len(self._held) - changed)
+        self._bindings.refresh(client, self._scripts["refresh_binding"], now)
 
     def _promote(self) -> None:
         client = self._redis()
@@ -689,7 +434,7 @@ class RedisTransport(Transport):
             return upkeep.restore_expired(
                 client, self._layout, self._scripts, visibility_timeout=self.visibility_timeout,
                 limit=self._restore_limit, mutex_expire=self._mutex_expire,
-                exchange_types=self._exchange_types,
+                exchange_types=self._bindings.exchange_types,
             )
 
     # -- administration -------------------------------------------------------------------

@@ -11,6 +11,9 @@ checks what it reads (``pcall`` around JSON decoding) before it writes.
 
 from __future__ import annotations
 
+import redis
+from redis.commands.core import Script
+
 __all__ = [
     "CLAIM",
     "PROMOTE_DELAYED",
@@ -18,6 +21,7 @@ __all__ = [
     "RELEASE_LOCK",
     "REQUEUE",
     "RESTORE_EXPIRED",
+    "register",
 ]
 
 #: Ack, then claim. First removes the ARGV[4] tags ARGV[5..4+n] from the unacked
@@ -149,3 +153,15 @@ if redis.call('GET', KEYS[1]) == ARGV[1] then
 end
 return 0
 """
+
+
+def register(client: redis.Redis) -> dict[str, Script]:
+    """Every script registered with ``client`` (no round trip), by the name callers use."""
+    return {
+        name: client.register_script(source)
+        for name, source in (
+            ("claim", CLAIM), ("requeue", REQUEUE),
+            ("restore", RESTORE_EXPIRED), ("promote", PROMOTE_DELAYED),
+            ("refresh_binding", REFRESH_BINDING), ("release", RELEASE_LOCK),
+        )
+    }

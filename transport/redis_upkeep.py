@@ -2,8 +2,9 @@
 delayed-message promotion and the restore of expired held messages.
 
 Plain functions of a redis-py client, a ``KeyLayout`` and the registered scripts, called
-by ``RedisTransport`` (from ``publish``, ``poll`` and ``maintain``) inside its
-``translate_errors`` blocks: nothing here catches redis-py exceptions itself.
+by ``RedisTransport`` and its parts (``redis_bindings.Bindings`` routes a publish,
+``redis_claims.Claims`` refreshes claims) inside their ``translate_errors`` blocks:
+nothing here catches redis-py exceptions itself.
 """
 
 from __future__ import annotations

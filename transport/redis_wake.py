@@ -14,6 +14,9 @@ does not read them would otherwise make them pile up in the server's memory.
 
 Servers without RESP3 or CLIENT TRACKING (Redis < 6, some proxies, ACLs without
 ``client``) refuse the setup; ``Waker.open`` then returns ``None`` and the transport polls.
+
+``IdleWait`` is the transport's wait between claims that found nothing: on its waker,
+opened for the consumed queues, or by polling with back-off where there is none.
 """
 
 from __future__ import annotations
@@ -21,13 +24,19 @@ from __future__ import annotations
 import logging
 import select
 import socket
+import time
 from collections.abc import Iterable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import redis
 import redis.connection
 
-__all__ = ["Waker", "wait_readable"]
+from .redis_layout import translate_errors
+
+if TYPE_CHECKING:
+    from .redis_fanout import FanoutSubscriber
+
+__all__ = ["IdleWait", "Waker", "wait_readable"]
 
 logger = logging.getLogger("taskframe.transport.redis")
 
@@ -117,6 +126,85 @@ class Waker:
 
     def close(self) -> None:
         self.connection.disconnect()  # type: ignore[no-untyped-call]
+
+
+class IdleWait:
+    """How an idle consumer waits for its lists: on a ``Waker``, or by polling.
+
+    The waker is opened on the first wait and pushes are paused while the consumer is
+    busy. Where Redis refuses one (or ``wake_ups`` is off) each wait is the polling
+    back-off: ``interval_min`` doubled after each wait up to ``interval_max``, back to
+    ``interval_min`` once messages come. Errors are translated here.
+
+    Args:
+        interval_min: the first polling interval (seconds).
+        interval_max: the longest polling interval (seconds).
+        wake_ups: whether to try a waker at all.
+        longest: the longest wait on a waker (the caller has work to do between waits).
+    """
+
+    def __init__(self, interval_min: float, interval_max: float, *, wake_ups: bool,
+                 longest: float) -> None:
+        self.waker: Waker | None = None
+        self._refused = not wake_ups
+        self._interval_min = interval_min
+        self._interval_max = interval_max
+        self._interval = interval_min
+        self._longest = longest
+
+    def wait(self, client: redis.Redis, prefixes: Sequence[str],
+             fanout: FanoutSubscriber | None, remaining: float | None) -> None:
+        """Sleep until a list under ``prefixes`` or ``fanout`` may have something.
+
+        With a waker the wait ends on a push from the server and lasts at most
+        ``longest``; without one it is the polling back-off.
+        """
+        with translate_errors("waiting for messages"):
+            waker = self.waker
+            if waker is None and prefixes and not self._refused:
+                self.waker = Waker.open(client, prefixes)
+                self._refused = self.waker is None
+                if self.waker is not None:
+                    return  # take once more: something may have come before the pushes
+            if waker is not None and not waker.armed:
+                waker.arm()
+                return  # likewise
+            if waker is not None:
+                wait = self._longest
+            else:
+                wait = self._interval
+                self._interval = min(self._interval * 2, self._interval_max)
+            if remaining is not None:
+                wait = min(wait, remaining)
+            if waker is None and fanout is None:
+                time.sleep(wait)
+                return
+            ready = (waker is not None and waker.pending()) or (
+                fanout is not None and fanout.pending())
+            if not ready:
+                wait_readable([waker.socket() if waker else None,
+                               fanout.socket() if fanout else None], wait)
+            if waker is not None:
+                waker.drain()
+
+    def busy(self) -> None:
+        """Messages came: pause the pushes and start the polling back-off over."""
+        if self.waker is not None and self.waker.armed:  # as pause(), one call less per poll
+            with translate_errors("pausing wake-ups"):
+                self.waker.disarm()
+        self._interval = self._interval_min
+
+    def pause(self) -> None:
+        """Pause the pushes while the consumer does not wait (see ``Waker.disarm``)."""
+        if self.waker is not None and self.waker.armed:
+            with translate_errors("pausing wake-ups"):
+                self.waker.disarm()
+
+    def drop(self) -> None:
+        """Close the waker; the next wait opens one for the queues consumed then."""
+        waker, self.waker = self.waker, None
+        if waker is not None:
+            waker.close()
 
 
 def wait_readable(sockets: Sequence[socket.socket | None], timeout: float) -> bool:

@@ -46,19 +46,19 @@ Clocks: due times and claims use each host's wall clock; keep hosts in sync (NTP
 from __future__ import annotations
 
 import logging
-import random
 import time
-import uuid
-from collections.abc import Callable, Mapping, Sequence
-from typing import Any, ClassVar, TypeVar
+from collections.abc import Mapping, Sequence
+from typing import Any, ClassVar
 
 import sqlalchemy as sa
 
-from .base import Envelope, Message, MessageState, Transport
+from .base import Envelope, Message, Transport
 from .entities import Exchange, Queue
 from .errors import BrokerConnectionError, TransportError
 from .routing import Binding, check_exchange_type, route
 from .serialization import json_dumps, json_loads
+from .sql_claims import Claims, claimable
+from .sql_database import Database
 from .sql_schema import (
     DEFAULT_MAX_BATCH,
     DEFAULT_POLLING_INTERVAL,
@@ -68,9 +68,6 @@ from .sql_schema import (
     LISTEN_WAIT_MAX,
     PgListener,
     Tables,
-    build_engine,
-    create_tables,
-    is_transient,
     sqlalchemy_url,
     translate_errors,
 )
@@ -82,10 +79,6 @@ logger = logging.getLogger(__name__)
 # While the prefetch bound is reached, poll() waits this long at most so the
 # caller's loop can settle messages instead of blocking for its whole timeout.
 _FULL_WAIT = 0.05
-# Deadlocks and serialization failures (InnoDB, PostgreSQL) are retried this often.
-_TRANSIENT_RETRIES = 5
-
-T = TypeVar("T")
 
 
 class SQLTransport(Transport):
@@ -106,92 +99,45 @@ class SQLTransport(Transport):
         self._interval = self._interval_min
         self._max_batch = int(opts.get("max_batch", DEFAULT_MAX_BATCH))
         self._connect_timeout = float(opts.get("connect_timeout", 4.0))
-        # Our claim token: rows we hold carry it, so ack/maintain/close touch only ours.
-        self.token = uuid.uuid4().hex
-        self._engine: sa.Engine | None = None
-        self._postgres = False
+        self._db = Database(self._sa_url, self._tables, self.options, self._connect_timeout,
+                            repr(self))
+        self._claims = Claims(self._db, self._tables, self.visibility_timeout, repr(self))
         self._listener: PgListener | None = None
         self._consumed: dict[str, Queue] = {}
         self._prefetch = 0
-        self._held: set[int] = set()
-        self._refreshed_at = 0.0
 
     def __repr__(self) -> str:
         return f"<SQLTransport {self._sa_url.render_as_string(hide_password=True)}>"
 
+    @property
+    def token(self) -> str:
+        """Our claim token: rows we hold carry it, so ack/maintain/close touch only ours."""
+        return self._claims.token
+
     # -- connection -------------------------------------------------------------------
 
     def connect(self) -> None:
-        if self._engine is not None:
-            return
-        options = {**self.options, "connect_timeout": self._connect_timeout}
-        engine = build_engine(self._sa_url, options)
-        try:
-            with translate_errors(f"cannot connect to {self!r}", connecting=True):
-                create_tables(engine, self._tables)
-        except BaseException:
-            engine.dispose()
-            raise
-        self._engine = engine
-        self._postgres = engine.dialect.name == "postgresql"
+        if self._db.engine is None:
+            self._db.open()
 
     def close(self) -> None:
-        if self._engine is None:
+        if self._db.engine is None:
             return
         if self._listener is not None:
             self._listener.close()
             self._listener = None
-        if self._held:
-            try:
-                self._run("releasing claims", self._release_all)
-            except BrokerConnectionError as exc:
-                # They come back anyway once the visibility timeout passes.
-                logger.warning("%r: could not release held messages: %s", self, exc)
-            self._held.clear()
-        engine, self._engine = self._engine, None
-        engine.dispose()
-
-    def _release_all(self, conn: sa.Connection) -> None:
-        messages = self._tables.messages
-        conn.execute(
-            sa.update(messages)
-            .where(messages.c.claim == self.token)
-            .values(claim=None, claimed_until=None)
-        )
-        self._notify(conn)
+        self._claims.release_all()
+        self._db.close()
 
     @property
     def connected(self) -> bool:
-        return self._engine is not None
-
-    def _run(self, action: str, work: Callable[[sa.Connection], T]) -> T:
-        """Run ``work`` in one transaction, retrying deadlocks; translate errors."""
-        if self._engine is None:
-            raise BrokerConnectionError(f"{self!r} is not connected")
-        engine = self._engine
-        with translate_errors(action):
-            for attempt in range(1, _TRANSIENT_RETRIES + 1):
-                try:
-                    with engine.begin() as conn:
-                        return work(conn)
-                except sa.exc.DBAPIError as exc:
-                    if attempt == _TRANSIENT_RETRIES or not is_transient(exc):
-                        raise
-                    logger.debug("%r: %s: retrying after %s", self, action, exc.orig)
-                    time.sleep(random.uniform(0.0, 0.01 * attempt))
-        raise AssertionError("unreachable")  # pragma: no cover - the loop returns or raises
-
-    def _notify(self, conn: sa.Connection) -> None:
-        # Delivered at commit, so a woken consumer finds the rows.
-        if self._postgres:
-            conn.execute(sa.select(sa.func.pg_notify(self._tables.channel, "")))
+        return self._db.engine is not None
 
     # -- topology -------------------------------------------------------------------------
 
     def declare(self, queue: Queue) -> None:
         exchange = queue.bound_exchange
-        if self._engine is None:
-            raise BrokerConnectionError(f"{self!r} is not connected")
+        self._db.require()
         if not exchange.name:
             return  # queues are implicit: a row names its queue
         check_exchange_type(exchange.type)
@@ -209,7 +155,7 @@ class SQLTransport(Transport):
                 conn.execute(sa.insert(bindings).values(**row))
 
         try:
-            self._run(f"declaring {queue.name!r}", bind)
+            self._db.run(f"declaring {queue.name!r}", bind)
         except TransportError as exc:
             # Another process may have inserted the same binding between our check
             # and our insert: fine if it is there now.
@@ -252,9 +198,9 @@ class SQLTransport(Transport):
                 logger.warning("%r: no queue bound for %s; message dropped", self, where)
                 return
             conn.execute(sa.insert(self._tables.messages), [{**row, "queue": q} for q in targets])
-            self._notify(conn)
+            self._db.notify(conn)
 
-        self._run(f"publishing to {where}", insert)
+        self._db.run(f"publishing to {where}", insert)
 
     def _route(self, conn: sa.Connection, exchange: str, routing_key: str) -> list[str]:
         if not exchange:
@@ -283,13 +229,11 @@ class SQLTransport(Transport):
         self._prefetch = prefetch_count
 
     def poll(self, timeout: float | None = None) -> list[Message]:
-        if self._engine is None:
-            raise BrokerConnectionError(f"{self!r} is not connected")
+        engine = self._db.require()
         deadline = None if timeout is None else time.monotonic() + timeout
         try:
             with translate_errors("polling"):
                 # Only consumers need the LISTEN connection: open it on the first poll.
-                engine = self._engine
                 if self._listener is None and engine.url.drivername == "postgresql+psycopg":
                     self._listener = PgListener(engine, self._tables.channel, self._connect_timeout)
                 return self._poll_until(deadline)
@@ -302,7 +246,8 @@ class SQLTransport(Transport):
 
     def _poll_until(self, deadline: float | None) -> list[Message]:
         while True:
-            room = self._max_batch if self._prefetch <= 0 else self._prefetch - len(self._held)
+            room = (self._max_batch if self._prefetch <= 0
+                    else self._prefetch - len(self._claims.held))
             if room > 0 and self._consumed:
                 if self._listener is not None:
                     self._listener.drain()
@@ -323,7 +268,7 @@ class SQLTransport(Transport):
         limit = LISTEN_WAIT_MAX if self._listener is not None else self._interval
         if remaining is not None:
             limit = min(limit, remaining)
-        next_due = self._run("looking for delayed messages", self._next_due)
+        next_due = self._db.run("looking for delayed messages", self._next_due)
         if next_due is not None:
             limit = max(0.0, min(limit, next_due - time.time()))
         if self._listener is not None:
@@ -332,52 +277,16 @@ class SQLTransport(Transport):
             time.sleep(limit)
             self._interval = min(self._interval * 2, self._interval_max)
 
-    def _claimable(self, queue_names: Sequence[str], now: float) -> sa.ColumnElement[bool]:
-        """Rows of ``queue_names`` that are due and not held (or whose claim expired)."""
-        messages = self._tables.messages
-        return sa.and_(
-            messages.c.queue.in_(list(queue_names)),
-            messages.c.due_at <= now,
-            sa.or_(messages.c.claim.is_(None), messages.c.claimed_until < now),
-        )
-
     def _claim(self, limit: int) -> list[Message]:
-        messages = self._tables.messages
-        now = time.time()
-        pick = (
-            sa.select(messages.c.id)
-            .where(self._claimable(list(self._consumed), now))
-            .order_by(messages.c.priority.desc(), messages.c.due_at, messages.c.id)
-            .limit(limit)
-            .with_for_update(skip_locked=True)
-        )
-        values = {
-            "claim": self.token,
-            "claimed_until": now + self.visibility_timeout,
-            "delivery_count": messages.c.delivery_count + 1,
-        }
-        columns = [c for c in messages.c if c.name not in ("claim", "claimed_until")]
-        assert self._engine is not None
-        returning = self._engine.dialect.update_returning
-
-        def claim(conn: sa.Connection) -> list[sa.Row[Any]]:
-            if returning:
-                update = sa.update(messages).where(messages.c.id.in_(pick)).values(**values)
-                return list(conn.execute(update.returning(*columns)))
-            # No UPDATE ... RETURNING: lock the rows, then mark them, in one transaction.
-            rows = list(conn.execute(pick.with_only_columns(*columns)))
-            if rows:
-                ids = [row.id for row in rows]
-                conn.execute(sa.update(messages).where(messages.c.id.in_(ids)).values(**values))
-            return rows
-
-        rows = self._run("claiming messages", claim)
-        # RETURNING gives no order; restore the queue order.
-        rows.sort(key=lambda row: (-row.priority, row.due_at, row.id))
-        return [self._to_message(row, 0 if returning else 1) for row in rows]
+        rows, extra_deliveries = self._claims.claim(list(self._consumed), limit)
+        held = self._claims.held
+        messages = []
+        for row in rows:
+            held.add(row.id)
+            messages.append(self._to_message(row, extra_deliveries))
+        return messages
 
     def _to_message(self, row: sa.Row[Any], extra_deliveries: int) -> Message:
-        self._held.add(row.id)
         delivery_count = row.delivery_count + extra_deliveries
         return Message(
             self,
@@ -407,61 +316,18 @@ class SQLTransport(Transport):
         return None if due is None else float(due)
 
     def ack(self, message: Message) -> None:
-        self._settle(message, delete=True, action="ack")
+        self._claims.settle(message.delivery_tag, delete=True, action="ack")
 
     def ack_many(self, messages: Sequence[Message]) -> None:
         """Delete several held messages in one statement (one commit)."""
         if len(messages) == 1:
             messages[0].ack()
             return
-        for message in messages:
-            message._check_unsettled()
-        table = self._tables.messages
-        tags = [message.delivery_tag for message in messages]
-        ours = sa.and_(table.c.id.in_(tags), table.c.claim == self.token)
-
-        def settle(conn: sa.Connection) -> int:
-            if self._postgres:
-                conn.execute(sa.text("SET LOCAL synchronous_commit = off"))
-            return int(conn.execute(sa.delete(table).where(ours)).rowcount)
-
-        count = self._run(f"ack of {len(tags)} messages", settle)
-        for message in messages:
-            self._held.discard(message.delivery_tag)
-            message.state = MessageState.ACKED
-        if count < len(tags):
-            logger.warning(
-                "%r: ack of %d messages: %d claims were lost (visibility timeout of %.1fs "
-                "passed without maintain()?); those may run again",
-                self, len(tags), len(tags) - count, self.visibility_timeout,
-            )
+        self._claims.ack_many(messages)
 
     def reject(self, message: Message, *, requeue: bool) -> None:
-        self._settle(message, delete=not requeue, action="requeue" if requeue else "reject")
-
-    def _settle(self, message: Message, *, delete: bool, action: str) -> None:
-        messages = self._tables.messages
-        ours = sa.and_(messages.c.id == message.delivery_tag, messages.c.claim == self.token)
-
-        def settle(conn: sa.Connection) -> int:
-            if delete:
-                if self._postgres:
-                    # Losing this commit in a server crash only means a redelivery.
-                    conn.execute(sa.text("SET LOCAL synchronous_commit = off"))
-                return int(conn.execute(sa.delete(messages).where(ours)).rowcount)
-            update = sa.update(messages).where(ours).values(claim=None, claimed_until=None)
-            count = int(conn.execute(update).rowcount)
-            self._notify(conn)
-            return count
-
-        count = self._run(f"{action} of message {message.delivery_tag}", settle)
-        self._held.discard(message.delivery_tag)
-        if count == 0:
-            logger.warning(
-                "%r: %s of message %s: its claim was lost (visibility timeout of %.1fs passed "
-                "without maintain()?); another consumer may run it again",
-                self, action, message.delivery_tag, self.visibility_timeout,
-            )
+        self._claims.settle(message.delivery_tag, delete=not requeue,
+                            action="requeue" if requeue else "reject")
 
     def maintain(self) -> None:
         """Refresh the claims of every held message (call at least every visibility_timeout/4).
@@ -469,33 +335,19 @@ class SQLTransport(Transport):
         Calls closer together than a tenth of the visibility timeout are skipped:
         the claims are still fresh.
         """
-        now = time.time()
-        if not self._held or now - self._refreshed_at < self.visibility_timeout / 10:
-            return
-        messages = self._tables.messages
-        refresh = (
-            sa.update(messages)
-            .where(messages.c.claim == self.token)
-            .values(claimed_until=now + self.visibility_timeout)
-        )
-        count = self._run("refreshing claims", lambda conn: int(conn.execute(refresh).rowcount))
-        self._refreshed_at = now
-        if count < len(self._held):
-            logger.warning(
-                "%r: %d held message(s) lost their claim; another consumer may run them",
-                self, len(self._held) - count,
-            )
+        self._claims.refresh()
 
     # -- administration ---------------------------------------------------------------------
 
     def purge(self, queue_name: str) -> int:
-        ready = self._claimable([queue_name], time.time())
+        ready = claimable(self._tables.messages, [queue_name], time.time())
         purge = sa.delete(self._tables.messages).where(ready)
-        return self._run(f"purging {queue_name!r}", lambda conn: int(conn.execute(purge).rowcount))
+        return self._db.run(f"purging {queue_name!r}",
+                            lambda conn: int(conn.execute(purge).rowcount))
 
     def queue_size(self, queue_name: str) -> int:
         query = sa.select(sa.func.count()).select_from(self._tables.messages)
-        query = query.where(self._claimable([queue_name], time.time()))
-        return self._run(
+        query = query.where(claimable(self._tables.messages, [queue_name], time.time()))
+        return self._db.run(
             f"counting {queue_name!r}", lambda conn: int(conn.execute(query).scalar() or 0)
         )

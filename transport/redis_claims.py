@@ -1,0 +1,198 @@
+"""The messages a Redis transport holds, from the claim to the ack, requeue or give-back.
+
+Held messages live in kombu's ``unacked`` hash (tag -> ``[envelope, exchange,
+routing_key]``) and ``unacked_index`` sorted set (tag -> time of claim or last refresh),
+shared with Celery workers (see ``taskframe.transport.redis``). ``Claims`` is one
+transport's book of them: the list each held tag was taken from, and the acks of
+``ack_many`` that wait to ride on the next claim script. It runs the claim script, acks
+and requeues, refreshes the claims' scores and gives back what is held on close.
+
+Its methods take the redis-py client (and the script they run) from the transport, and
+translate redis-py's errors themselves.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import redis
+from redis.commands.core import Script
+
+from . import redis_upkeep as upkeep
+from .base import Message, MessageState
+from .errors import TransportError
+from .redis_layout import KeyLayout, mark_redelivered, text, translate_errors
+
+__all__ = ["Claims"]
+
+logger = logging.getLogger("taskframe.transport.redis")
+
+
+class Claims:
+    """The messages one transport holds in ``unacked``, and its acks not sent yet.
+
+    Args:
+        layout: the transport's key names.
+        visibility_timeout: how long a claim lasts unrefreshed (seconds).
+        owner: how log messages name the transport.
+    """
+
+    def __init__(self, layout: KeyLayout, visibility_timeout: float, owner: str) -> None:
+        #: Held messages: tag -> the list key each was taken from. The transport records
+        #: a message here as it hands it out (after ``claim``).
+        self.held: dict[str, str] = {}
+        #: Tags acked by ``ack_later``; the next claim (or ``send_acks``) removes them.
+        self.acks_due: list[str] = []
+        self._layout = layout
+        self._unacked = layout.key(layout.unacked)
+        self._index = layout.key(layout.unacked_index)
+        self._visibility_timeout = visibility_timeout
+        self._owner = owner
+        self._refreshed_at = 0.0
+
+    def claim(self, client: redis.Redis, script: Script, keys: Sequence[str],
+              queues: Sequence[str], limit: int) -> list[Any]:
+        """Send the acks due, then take up to ``limit`` messages from ``keys``: one script.
+
+        ``queues[i]`` is the queue of list ``keys[i]``. Returns the script's flat reply for
+        the messages taken: tag, envelope, 1-based index in ``keys``, for each.
+        """
+        acks = self.acks_due
+        with translate_errors("taking messages"):
+            reply = script(
+                keys=[self._unacked, self._index, *keys],
+                args=[limit, time.time(), f"taskframe-{uuid.uuid4()}-", len(acks), *acks,
+                      *queues],
+                client=client,
+            )
+            self.acks_due = []
+            lost = int(reply[0])
+            for tag in reply[1:1 + lost]:
+                self.warn_lost("ack", text(tag))
+        taken: list[Any] = reply[1 + lost:]
+        return taken
+
+    def ack_later(self, messages: Sequence[Message]) -> None:
+        """Ack held messages; the acks reach Redis with the next claim, in its script.
+
+        py-spy on a no-op drain showed one pipeline round trip per ack taking a third
+        of the consumer's time, then (batched in one MULTI/EXEC) a fifth, next to the
+        claim's own round trip. Now the ZREM and HDEL of each tag run at the start of
+        the claim script, or on their own (``send_acks``) when no claim comes first:
+        a poll that takes nothing, ``maintain()``, ``close()``. Until then the messages
+        are no longer refreshed; a crash in between runs them again, as a lost ack would.
+        """
+        for message in messages:
+            message._check_unsettled()
+        for message in messages:
+            tag = str(message.delivery_tag)
+            if self.held.pop(tag, None) is not None:
+                self.acks_due.append(tag)
+            message.state = MessageState.ACKED
+
+    def send_acks(self, client: redis.Redis) -> None:
+        """Send the acks that ``ack_later`` keeps for the next claim, in one MULTI/EXEC."""
+        if not self.acks_due:
+            return
+        acks, self.acks_due = self.acks_due, []
+        with translate_errors(f"ack of {len(acks)} message(s)"):
+            pipe = client.pipeline()
+            pipe.zrem(self._index, *acks)
+            for tag in acks:
+                pipe.hdel(self._unacked, tag)
+            removed = pipe.execute()[1:]
+        for tag, count in zip(acks, removed, strict=True):
+            if not count:
+                self.warn_lost("ack", tag)
+
+    def forget(self, client: redis.Redis, tag: str, action: str) -> None:
+        """Remove held message ``tag`` from ``unacked`` (``action``: an ack or a reject)."""
+        try:
+            with translate_errors(f"{action} of message {tag}"):
+                pipe = client.pipeline()
+                pipe.zrem(self._index, tag)
+                pipe.hdel(self._unacked, tag)
+                _, removed = pipe.execute()
+        finally:
+            # Not refreshed any more: if the ack did not land, the message is restored
+            # after the visibility timeout instead of being held forever.
+            del self.held[tag]
+        if not removed:
+            self.warn_lost(action, tag)
+
+    def requeue(self, client: redis.Redis, script: Script, tag: str) -> None:
+        """Put held message ``tag`` back at the front of the list it came from, once."""
+        key = self.held[tag]
+        try:
+            with translate_errors(f"requeue of message {tag}"):
+                value = client.hget(self._unacked, tag)
+                done = 0
+                if value is not None:
+                    raw = upkeep.stored_envelope(text(value))
+                    done = script(keys=[self._unacked, self._index, key],
+                                  args=[tag, mark_redelivered(raw), "LPUSH"], client=client)
+        finally:
+            del self.held[tag]
+        if not done:
+            self.warn_lost("requeue", tag)
+
+    def refresh(self, client: redis.Redis, now: float) -> None:
+        """Score every held message ``now``, so no restorer (ours or kombu's) takes it.
+
+        At most every tenth of the visibility timeout (and every 30 s).
+        """
+        if not self.held or now - self._refreshed_at < min(self._visibility_timeout / 10, 30.0):
+            return
+        with translate_errors("refreshing claims"):
+            changed = upkeep.refresh_claims(client, self._layout, self.held, now)
+        self._refreshed_at = now
+        if changed < len(self.held):
+            logger.warning("%s: %d held message(s) lost their claim; another consumer may "
+                           "run them", self._owner, len(self.held) - changed)
+
+    def release(self, client: redis.Redis, script: Script) -> None:
+        """On close: send the acks due and give every held message back to its list.
+
+        What does not reach Redis is logged: those acks are lost (their messages run
+        again) and those messages come back after the visibility timeout.
+        """
+        try:
+            self.send_acks(client)
+        except TransportError as exc:
+            logger.warning("%s: could not ack %d message(s) (%s); they run again after the "
+                           "visibility timeout (%.0f s)", self._owner, len(self.acks_due), exc,
+                           self._visibility_timeout)
+        if self.held:
+            held, self.held = self.held, {}
+            try:
+                self._give_back(client, script, held)
+            except TransportError as exc:
+                logger.warning(
+                    "%s: could not give back %d held message(s) (%s); they come back after "
+                    "the visibility timeout (%.0f s)", self._owner, len(held), exc,
+                    self._visibility_timeout,
+                )
+
+    def _give_back(self, client: redis.Redis, script: Script, held: Mapping[str, str]) -> None:
+        with translate_errors("giving back held messages"):
+            values = client.hmget(self._unacked, list(held))
+            for (tag, key), value in zip(held.items(), values, strict=True):
+                if value is None:
+                    continue
+                raw = upkeep.stored_envelope(text(value))
+                script(
+                    keys=[self._unacked, self._index, key],
+                    args=[tag, mark_redelivered(raw), "RPUSH"], client=client,
+                )
+
+    def warn_lost(self, action: str, tag: str) -> None:
+        """Log that ``tag`` was no longer held when ``action`` came (it may run twice)."""
+        logger.warning(
+            "%s: %s of message %s: it was no longer held (restored after the visibility "
+            "timeout of %.1f s?); another consumer may run it again",
+            self._owner, action, tag, self._visibility_timeout,
+        )

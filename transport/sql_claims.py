@@ -1,0 +1,197 @@
+"""The rows a SQL transport holds: claimed under its token until acked, rejected or released.
+
+A claim marks a row with the transport's token and a deadline (``claimed_until``, now
+plus the visibility timeout); a row whose deadline passed is claimable again, so the
+messages of a consumer that died go to another. ``Claims`` takes due rows (``UPDATE
+... WHERE id IN (SELECT ... FOR UPDATE SKIP LOCKED) RETURNING``, or a locked ``SELECT``
+then an ``UPDATE`` where the database has no ``RETURNING``), deletes or releases them
+when settled (only while they still carry the token: a lost claim is logged, as its
+message may run twice), pushes the deadlines of held rows back (``refresh``) and
+releases them all on close. Each runs in a transaction of the transport's ``Database``.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from collections.abc import Sequence
+from typing import Any
+
+import sqlalchemy as sa
+
+from .base import Message, MessageState
+from .errors import BrokerConnectionError
+from .sql_database import Database
+from .sql_schema import Tables
+
+__all__ = ["Claims", "claimable"]
+
+logger = logging.getLogger("taskframe.transport.sql")
+
+
+def claimable(messages: sa.Table, queue_names: Sequence[str], now: float) -> sa.ColumnElement[bool]:
+    """Rows of ``queue_names`` that are due and not held (or whose claim expired)."""
+    return sa.and_(
+        messages.c.queue.in_(list(queue_names)),
+        messages.c.due_at <= now,
+        sa.or_(messages.c.claim.is_(None), messages.c.claimed_until < now),
+    )
+
+
+class Claims:
+    """The rows one transport holds, under its claim token.
+
+    Args:
+        db: the transport's database.
+        tables: the transport's tables.
+        visibility_timeout: how long a claim lasts unrefreshed (seconds).
+        owner: how log messages name the transport.
+    """
+
+    def __init__(self, db: Database, tables: Tables, visibility_timeout: float,
+                 owner: str) -> None:
+        #: Our claim token: rows we hold carry it, so ack/maintain/close touch only ours.
+        self.token = uuid.uuid4().hex
+        #: Ids of the rows handed out and not settled yet (the transport adds them).
+        self.held: set[int] = set()
+        self._db = db
+        self._messages = tables.messages
+        self._visibility_timeout = visibility_timeout
+        self._owner = owner
+        self._refreshed_at = 0.0
+
+    def claim(self, queue_names: Sequence[str], limit: int) -> tuple[list[sa.Row[Any]], int]:
+        """Claim up to ``limit`` due rows of ``queue_names``, in queue order.
+
+        Returns the rows and what to add to their ``delivery_count`` for this delivery
+        (1 where it was read before the claim counted it: no ``RETURNING``).
+        """
+        messages = self._messages
+        now = time.time()
+        pick = (
+            sa.select(messages.c.id)
+            .where(claimable(messages, queue_names, now))
+            .order_by(messages.c.priority.desc(), messages.c.due_at, messages.c.id)
+            .limit(limit)
+            .with_for_update(skip_locked=True)
+        )
+        values = {
+            "claim": self.token,
+            "claimed_until": now + self._visibility_timeout,
+            "delivery_count": messages.c.delivery_count + 1,
+        }
+        columns = [c for c in messages.c if c.name not in ("claim", "claimed_until")]
+        returning = self._db.require().dialect.update_returning
+
+        def claim(conn: sa.Connection) -> list[sa.Row[Any]]:
+            if returning:
+                update = sa.update(messages).where(messages.c.id.in_(pick)).values(**values)
+                return list(conn.execute(update.returning(*columns)))
+            # No UPDATE ... RETURNING: lock the rows, then mark them, in one transaction.
+            rows = list(conn.execute(pick.with_only_columns(*columns)))
+            if rows:
+                ids = [row.id for row in rows]
+                conn.execute(sa.update(messages).where(messages.c.id.in_(ids)).values(**values))
+            return rows
+
+        rows = self._db.run("claiming messages", claim)
+        # RETURNING gives no order; restore the queue order.
+        rows.sort(key=lambda row: (-row.priority, row.due_at, row.id))
+        return rows, 0 if returning else 1
+
+    def settle(self, tag: int, *, delete: bool, action: str) -> None:
+        """Delete held row ``tag`` (ack, reject) or release it to its queue (requeue)."""
+        messages = self._messages
+        ours = sa.and_(messages.c.id == tag, messages.c.claim == self.token)
+
+        def settle(conn: sa.Connection) -> int:
+            if delete:
+                if self._db.postgres:
+                    # Losing this commit in a server crash only means a redelivery.
+                    conn.execute(sa.text("SET LOCAL synchronous_commit = off"))
+                return int(conn.execute(sa.delete(messages).where(ours)).rowcount)
+            update = sa.update(messages).where(ours).values(claim=None, claimed_until=None)
+            count = int(conn.execute(update).rowcount)
+            self._db.notify(conn)
+            return count
+
+        count = self._db.run(f"{action} of message {tag}", settle)
+        self.held.discard(tag)
+        if count == 0:
+            logger.warning(
+                "%s: %s of message %s: its claim was lost (visibility timeout of %.1fs passed "
+                "without maintain()?); another consumer may run it again",
+                self._owner, action, tag, self._visibility_timeout,
+            )
+
+    def ack_many(self, messages: Sequence[Message]) -> None:
+        """Delete several held messages' rows in one statement (one commit)."""
+        for message in messages:
+            message._check_unsettled()
+        table = self._messages
+        tags = [message.delivery_tag for message in messages]
+        ours = sa.and_(table.c.id.in_(tags), table.c.claim == self.token)
+
+        def settle(conn: sa.Connection) -> int:
+            if self._db.postgres:
+                conn.execute(sa.text("SET LOCAL synchronous_commit = off"))
+            return int(conn.execute(sa.delete(table).where(ours)).rowcount)
+
+        count = self._db.run(f"ack of {len(tags)} messages", settle)
+        for message in messages:
+            self.held.discard(message.delivery_tag)
+            message.state = MessageState.ACKED
+        if count < len(tags):
+            logger.warning(
+                "%s: ack of %d messages: %d claims were lost (visibility timeout of %.1fs "
+                "passed without maintain()?); those may run again",
+                self._owner, len(tags), len(tags) - count, self._visibility_timeout,
+            )
+
+    def refresh(self) -> None:
+        """Push back the deadline of every held row.
+
+        Skipped within a tenth of the visibility timeout of the last refresh: the claims
+        are still fresh.
+        """
+        now = time.time()
+        if not self.held or now - self._refreshed_at < self._visibility_timeout / 10:
+            return
+        messages = self._messages
+        refresh = (
+            sa.update(messages)
+            .where(messages.c.claim == self.token)
+            .values(claimed_until=now + self._visibility_timeout)
+        )
+        count = self._db.run("refreshing claims",
+                             lambda conn: int(conn.execute(refresh).rowcount))
+        self._refreshed_at = now
+        if count < len(self.held):
+            logger.warning(
+                "%s: %d held message(s) lost their claim; another consumer may run them",
+                self._owner, len(self.held) - count,
+            )
+
+    def release_all(self) -> None:
+        """Release every held row at once (on close).
+
+        If the database cannot be reached, they come back anyway once the visibility
+        timeout passes.
+        """
+        if not self.held:
+            return
+        try:
+            self._db.run("releasing claims", self._release_all)
+        except BrokerConnectionError as exc:
+            logger.warning("%s: could not release held messages: %s", self._owner, exc)
+        self.held.clear()
+
+    def _release_all(self, conn: sa.Connection) -> None:
+        messages = self._messages
+        conn.execute(
+            sa.update(messages)
+            .where(messages.c.claim == self.token)
+            .values(claim=None, claimed_until=None)
+        )
+        self._db.notify(conn)
