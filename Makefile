@@ -27,10 +27,12 @@ test: $(STAMP)
 test-unit: $(STAMP)
 	$(BIN)/python -m pytest t/unit
 
-## ruff, and the import-linter contracts of setup.cfg (the layers; tools/lint-imports.sh).
+## ruff; the import-linter contracts of setup.cfg (the layers); no import cycle, no module
+## over 500 lines, no function over 60 (tools/check_layout.py).
 lint: $(STAMP)
 	$(BIN)/ruff check taskframe transport backends t examples tools
 	LINT_IMPORTS=$(abspath $(BIN))/lint-imports tools/lint-imports.sh
+	$(BIN)/python tools/check_layout.py
 
 typecheck: $(STAMP)
 	MYPY=$(abspath $(BIN))/mypy tools/typecheck.sh
