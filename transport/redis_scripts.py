@@ -2,7 +2,7 @@
 
 They take every key through ``KEYS`` (already carrying ``global_keyprefix``)
 and know no key names themselves: the names live in the constants block of
-``taskframe.transport.redis``. Scores and deadlines are the clients' wall
+``transport.redis_layout``. Scores and deadlines are the clients' wall
 clocks (as kombu's), passed in ``ARGV``.
 
 A Redis script is not rolled back when it fails half-way, so each script

@@ -22,7 +22,7 @@ from taskframe import SoftTimeLimitExceeded, Task, Taskframe, states
 from taskframe.context import Context
 from taskframe.errors import TimeLimitExceeded
 from taskframe.execution.outcome import Outcome
-from taskframe.pools._executor import DaemonThreadPoolExecutor
+from taskframe.pools._daemon_threads import DaemonThreadPoolExecutor
 from taskframe.pools.asyncio import AsyncioPool
 from taskframe.pools.base import TaskJob
 

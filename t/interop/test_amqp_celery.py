@@ -118,6 +118,15 @@ class Shared:
         self._cleanup()
 
     def _cleanup(self) -> None:
+        # The tables first: a leftover breaks every later run (Celery's index names ignore
+        # the table prefix), while a broker that is down at teardown must not keep them.
+        engine = sa.create_engine(self.db_url)
+        try:
+            with engine.begin() as conn:
+                for table in ("celery_taskmeta", "celery_tasksetmeta"):
+                    conn.execute(sa.text(f'DROP TABLE IF EXISTS "{self.prefix}{table}"'))
+        finally:
+            engine.dispose()
         admin = AMQPTransport(self.env["TASKFRAME_BROKER_URL"], {})
         admin.connect()
         try:
@@ -126,13 +135,6 @@ class Shared:
                 admin.delete_exchange(name)
         finally:
             admin.close()
-        engine = sa.create_engine(self.db_url)
-        try:
-            with engine.begin() as conn:
-                for table in ("celery_taskmeta", "celery_tasksetmeta"):
-                    conn.execute(sa.text(f'DROP TABLE IF EXISTS "{self.prefix}{table}"'))
-        finally:
-            engine.dispose()
 
 
 @pytest.fixture

@@ -36,7 +36,7 @@ from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from taskframe.execution.coroutines import TIME_LIMIT, BodyRun, is_async_task
-from taskframe.pools._executor import DaemonThreadPoolExecutor
+from taskframe.pools._daemon_threads import DaemonThreadPoolExecutor
 from taskframe.pools._limits import shutdown_outcome, terminated_outcome
 from taskframe.pools.base import Pool, TaskJob, internal_failure
 
