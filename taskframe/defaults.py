@@ -94,6 +94,9 @@ DEFAULTS: dict[str, Any] = {
     "worker_asyncio_uvloop": True,  # -P asyncio: use uvloop when it is installed
     "worker_prefetch_multiplier": 4,
     "worker_disable_prefetch": False,
+    # The most bytes a task message's body may have, compressed or decompressed (a "zip
+    # bomb" is rejected before it grows); None: no limit. Not a Celery setting.
+    "worker_max_message_size": 128 * 1024 * 1024,
     "worker_disable_rate_limits": False,
     "worker_hijack_root_logger": True,
     "worker_log_color": None,

@@ -50,6 +50,7 @@ __all__ = [
     "decode_body",
     "decompress",
     "dumps",
+    "ensure_accepted",
     "json_dumps",
     "json_loads",
     "loads",
@@ -283,6 +284,21 @@ def dumps(obj: Any, serializer: str = "json") -> tuple[str, str, bytes]:
     return codec.content_type, codec.content_encoding, data
 
 
+def ensure_accepted(content_type: str, accept: Collection[str] | None = None) -> str:
+    """Refuse ``content_type`` unless ``accept`` allows it (before touching the body).
+
+    Returns:
+        The content type (``application/data`` for an empty one).
+
+    Raises:
+        ContentDisallowed: ``content_type`` is not accepted.
+    """
+    content_type = content_type or "application/data"
+    if content_type not in _TRUSTED_CONTENT and content_type not in accept_mimetypes(accept):
+        raise ContentDisallowed(f"refusing to deserialize content of type {content_type!r}")
+    return content_type
+
+
 def loads(
     data: bytes | str,
     content_type: str,
@@ -302,10 +318,7 @@ def loads(
         ContentDisallowed: ``content_type`` is not accepted.
         DecodeError: the bytes do not parse.
     """
-    content_type = content_type or "application/data"
-    allowed = accept_mimetypes(accept)
-    if content_type not in _TRUSTED_CONTENT and content_type not in allowed:
-        raise ContentDisallowed(f"refusing to deserialize content of type {content_type!r}")
+    content_type = ensure_accepted(content_type, accept)
     encoding = (content_encoding or "utf-8").lower()
     codec = _BY_TYPE.get(content_type)
     if codec is not None:
@@ -410,16 +423,40 @@ def compress(data: bytes, method: str) -> tuple[bytes, str]:
     return compressor.compress(data), compressor.mime
 
 
-def decompress(data: bytes, mime: str) -> bytes:
+def decompress(data: bytes, mime: str, max_size: int | None = None) -> bytes:
     """Undo ``compress``; ``mime`` is the ``compression`` header (aliases accepted).
 
+    Args:
+        max_size: the most bytes the result may have (``None``: no bound). gzip, bzip2
+            and lzma stop decompressing past it, so a small "zip bomb" never grows in
+            memory; brotli and zstd are checked once decompressed.
+
     Raises:
-        DecodeError: the method is unknown here or the data is corrupt.
+        DecodeError: the method is unknown here, the data is corrupt, or it decompresses
+            to more than ``max_size`` bytes.
     """
-    compressor = _COMPRESSORS.get(_COMPRESSION_ALIASES.get(mime, mime))
+    name = _COMPRESSION_ALIASES.get(mime, mime)
+    compressor = _COMPRESSORS.get(name)
     if compressor is None:
         raise DecodeError(f"cannot decompress {mime!r}: method unknown or not installed")
     try:
-        return compressor.decompress(data)
+        if max_size is None:
+            return compressor.decompress(data)
+        bounded = _BOUNDED.get(name)
+        if bounded is None:
+            result = compressor.decompress(data)
+        else:
+            result = bounded().decompress(data, max_size + 1)
     except Exception as exc:
         raise DecodeError(f"corrupt {mime} data: {exc}") from exc
+    if len(result) > max_size:
+        raise DecodeError(f"{mime} body decompresses to more than {max_size} bytes")
+    return result
+
+
+#: Decompressors that stop at a size (``decompress(data, max_length)``).
+_BOUNDED: dict[str, Callable[[], Any]] = {
+    "application/x-gzip": zlib.decompressobj,
+    "application/x-bz2": bz2.BZ2Decompressor,
+    "application/x-lzma": lzma.LZMADecompressor,
+}

@@ -111,6 +111,24 @@ def test_results_failures_and_time_limits(fleet: PoolFleet, pool: str) -> None:
         assert result.state == states.FAILURE
 
 
+def test_a_body_exit_fails_its_task_and_the_pool_goes_on(fleet: PoolFleet, pool: str) -> None:
+    """SystemExit, KeyboardInterrupt, an async body's own CancelledError: FAILURE stored,
+    the slot freed (one slot here: the tasks after them run), the worker exits 0."""
+    proc = fleet.start(pool, "-c", "1")
+    proj = fleet.module
+    exits = [proj.exits.delay("SystemExit"), proj.exits.delay("KeyboardInterrupt"),
+             proj.acancelled.delay()]
+    assert proj.add.delay(2, 3).get(timeout=30) == 5
+    for result, kind in zip(exits, ("SystemExit", "KeyboardInterrupt", "CancelledError"),
+                            strict=True):
+        with pytest.raises(BaseException) as info:
+            result.get(timeout=30)
+        assert type(info.value).__name__ == kind, fleet.log_text()
+        assert result.state == states.FAILURE
+    proc.terminate()
+    assert proc.wait(30) == 0, fleet.log_text()
+
+
 def test_should_abort_at_the_shutdown_deadline(fleet: PoolFleet, pool: str) -> None:
     proc = fleet.start(pool, "-c", "2", "--soft-shutdown-timeout", "0.5")
     result = fleet.module.wait_abort.delay(30)

@@ -22,7 +22,7 @@ from workers import ProjectImport, WorkerProcs, read_lines, wait_until
 
 from taskframe import Taskframe, signals, states
 from taskframe.context import Context
-from taskframe.errors import TimeLimitExceeded, WorkerLostError
+from taskframe.errors import BackendError, TimeLimitExceeded, WorkerLostError
 from taskframe.execution.outcome import Outcome
 from taskframe.pools import PreforkPool, TaskJob, get_pool_class
 
@@ -316,3 +316,37 @@ def test_failing_start_hook_in_a_child_stops_the_worker(app: Taskframe) -> None:
         wait_until(lambda: not pool.processes(), 10, "the children to exit")
     finally:
         pool.stop(timeout=1)
+
+
+def test_a_result_store_down_at_a_hard_time_limit_does_not_stop_the_pool(
+        app: Taskframe, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The parent stores the failure of a child it killed (hard time limit) or lost: with
+    the store down, that raised in the supervisor thread, which died; no job of the pool
+    was reported again. Now the job ends FAILURE all the same and the pool goes on."""
+    calls, pool = Calls(), PreforkPool(1, app=app)
+    pool.start()
+    try:
+        warm = _job(app, calls, "pftest.pid")
+        pool.submit(warm)
+        calls.wait(calls.done, warm.id)
+
+        def store_down(*args: Any, **kwargs: Any) -> None:
+            raise BackendError("the result store is down")
+
+        monkeypatch.setattr(app.backend, "mark_as_failure", store_down)
+        limited = _job(app, calls, "pftest.sleepy", 30)
+        limited.time_limit = 0.5
+        pool.submit(limited)
+        outcome = calls.wait(calls.done, limited.id)[0]
+        assert outcome.state == states.FAILURE
+        assert isinstance(outcome.retval, TimeLimitExceeded)
+        lost = _job(app, calls, "pftest.sleepy", 30)
+        pool.submit(lost)
+        os.kill(calls.wait(calls.accepted, lost.id), signal.SIGKILL)
+        outcome = calls.wait(calls.done, lost.id)[0]
+        assert (outcome.state, type(outcome.retval)) == (states.FAILURE, WorkerLostError)
+        after = _job(app, calls, "pftest.pid")
+        pool.submit(after)
+        assert calls.wait(calls.done, after.id)[0].state == states.SUCCESS
+    finally:
+        pool.stop(timeout=5)

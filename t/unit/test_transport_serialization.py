@@ -25,6 +25,7 @@ from taskframe.transport.serialization import (
     decode_body,
     decompress,
     dumps,
+    ensure_accepted,
     loads,
 )
 
@@ -212,3 +213,17 @@ def test_decode_body_handles_compression_header() -> None:
     assert message.decode(["json"]) == {"a": 1}
     with pytest.raises(ContentDisallowed):
         message.decode(["msgpack"])
+
+
+@pytest.mark.parametrize("method", ["zlib", "bzip2", "lzma"])
+def test_decompress_stops_at_max_size(method: str) -> None:
+    data, mime = compress(b"\0" * 5_000_000, method)
+    assert decompress(data, mime, max_size=5_000_000) == b"\0" * 5_000_000
+    with pytest.raises(DecodeError, match="decompresses to more than 1000 bytes"):
+        decompress(data, mime, max_size=1000)
+
+
+def test_a_refused_content_type_is_refused_before_decompression() -> None:
+    with pytest.raises(ContentDisallowed):
+        ensure_accepted("application/x-python-serialize", ["json"])
+    assert ensure_accepted("", ["json"]) == "application/data"

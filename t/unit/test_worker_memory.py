@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import threading
 import uuid
@@ -11,8 +12,10 @@ from typing import Any
 import pytest
 
 from taskframe import Task, Taskframe, states
-from taskframe.errors import NotRegistered, TaskRevokedError
+from taskframe.errors import BackendError, NotRegistered, TaskRevokedError
 from taskframe.transport import Envelope
+from taskframe.transport.errors import PublishError, TransportError
+from taskframe.transport.memory import MemoryTransport
 from taskframe.worker.worker import Worker
 
 
@@ -276,3 +279,136 @@ def test_worker_consumes_only_its_queues(app: Taskframe, run_worker: Any) -> Non
     threading.Event().wait(0.3)
     assert slow.state == states.PENDING
     assert app.producer_connection().transport.queue_size("slow") == 1
+
+
+async def _await_a_cancelled_helper() -> None:
+    helper = asyncio.ensure_future(asyncio.sleep(30))
+    helper.cancel()
+    await helper  # raises CancelledError into the task body: the task's own
+
+
+@pytest.mark.parametrize("pool", ["solo", "threads", "asyncio"])
+@pytest.mark.parametrize("exit_kind", ["SystemExit", "KeyboardInterrupt", "CancelledError"])
+def test_a_body_raising_a_base_exception_fails_and_frees_its_slot(
+        app: Taskframe, run_worker: Any, pool: str, exit_kind: str) -> None:
+    """One slot, prefetch 1, acks_late: before the fix the slot leaked (solo never polled
+    again; the asyncio pool took the task's own CancelledError for a shutdown and requeued
+    it forever) and no task after it ran."""
+
+    @app.task(acks_late=True)
+    async def bail() -> None:
+        if exit_kind == "SystemExit":
+            raise SystemExit(3)
+        if exit_kind == "KeyboardInterrupt":
+            raise KeyboardInterrupt
+        await _await_a_cancelled_helper()
+
+    @app.task
+    def add(x: int, y: int) -> int:
+        return x + y
+
+    run_worker(pool=pool, concurrency=1, prefetch_multiplier=1)
+    failed = bail.delay()
+    later = [add.delay(i, i) for i in range(5)]
+    assert [r.get(timeout=15) for r in later] == [0, 2, 4, 6, 8]
+    with pytest.raises(BaseException) as info:
+        failed.get(timeout=5)
+    assert type(info.value).__name__ == exit_kind
+    assert failed.state == states.FAILURE
+
+
+def test_an_expired_message_while_the_result_store_is_down_does_not_stop_the_loop(
+        app: Taskframe, run_worker: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Storing REVOKED for an expired message raised out of the consumer loop, and the
+    worker stopped consuming (its next one would meet the same message)."""
+    ran: list[int] = []
+
+    @app.task
+    def never() -> None:
+        ran.append(1)
+
+    @app.task
+    def add(x: int, y: int) -> int:
+        return x + y
+
+    def store_down(*args: Any, **kwargs: Any) -> None:
+        raise BackendError("the result store is down")
+
+    monkeypatch.setattr(app.backend, "mark_as_revoked", store_down)
+    never.apply_async(expires=-1)
+    run_worker(pool="solo")
+    assert add.delay(2, 3).get(timeout=10) == 5
+    assert ran == []
+
+
+def test_a_refused_deferral_keeps_the_eta_in_the_worker(
+        app: Taskframe, run_worker: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A far ETA goes back to the broker delayed; a broker that refuses that copy (a nack,
+    a delay over its limit) made the loop exit. Now the worker keeps the ETA itself."""
+    @app.task
+    def add(x: int, y: int) -> int:
+        return x + y
+
+    original = MemoryTransport.publish
+
+    def refuse_delays(self: Any, envelope: Any, **kwargs: Any) -> None:
+        if kwargs.get("delay"):
+            if threading.current_thread() is not threading.main_thread():
+                raise PublishError("delay refused by the broker")  # the worker's deferral
+            kwargs["delay"] = None  # the client sends the ETA in the message only (as Celery)
+        original(self, envelope, **kwargs)
+
+    monkeypatch.setattr(MemoryTransport, "publish", refuse_delays)
+    run_worker(pool="solo")
+    later = add.apply_async((1, 2), countdown=2.5)  # past LOCAL_ETA_WINDOW
+    assert add.delay(2, 3).get(timeout=10) == 5
+    assert later.get(timeout=15) == 3
+
+
+def test_a_broker_error_in_a_turn_reconnects_instead_of_stopping_the_worker(
+        app: Taskframe, run_worker: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A broker error that is not a lost connection (Redis READONLY after a failover,
+    LOADING, MISCONF) left the consumer loop and the worker stopped consuming."""
+    @app.task
+    def add(x: int, y: int) -> int:
+        return x + y
+
+    original = MemoryTransport.poll
+    failures = [TransportError("READONLY You can't write against a read only replica.")]
+
+    def poll_once_failing(self: Any, timeout: float | None = None) -> Any:
+        if failures:
+            raise failures.pop()
+        return original(self, timeout)
+
+    worker = run_worker(pool="solo")
+    assert add.delay(1, 1).get(timeout=10) == 2
+    monkeypatch.setattr(MemoryTransport, "poll", poll_once_failing)
+    assert add.delay(2, 3).get(timeout=10) == 5
+    assert failures == []
+    assert worker.consumer is not None and not worker.consumer.stopping
+
+
+def test_a_body_that_decompresses_past_the_limit_is_rejected_before_it_grows(
+        app: Taskframe, run_worker: Any, caplog: pytest.LogCaptureFixture) -> None:
+    """A small compressed body that decompresses to a huge one (a "zip bomb") was
+    decompressed whole: enough of them OOM-kill the worker, and the redelivered message the
+    next. Now decompression stops at ``worker_max_message_size`` and the message is
+    rejected with one log line; the worker goes on."""
+    ran: list[int] = []
+
+    @app.task
+    def measure(text: str) -> int:
+        ran.append(len(text))
+        return len(text)
+
+    app.conf.worker_max_message_size = 1024 * 1024
+    caplog.set_level(logging.INFO)
+    bomb = measure.apply_async(("x" * 20_000_000,), compression="zlib")
+    run_worker(pool="solo")
+    assert measure.delay("small").get(timeout=10) == 5
+    assert ran == [5]
+    assert bomb.state == states.PENDING
+    rejected = [r.getMessage() for r in caplog.records
+                if r.getMessage().startswith("Rejected message")]
+    assert len(rejected) == 1 and "decompresses to more than 1048576 bytes" in rejected[0]

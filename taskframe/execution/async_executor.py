@@ -19,11 +19,13 @@ from taskframe import signals
 from taskframe.context import Context, request_context
 from taskframe.execution.coroutines import BodyRun
 from taskframe.execution.executor import (
+    BODY_EXITS,
     Outcome,
     _after_run,
     _before_body,
     _exception_outcome,
     _maybe_autoretry,
+    _on_failure,
     _on_success,
 )
 
@@ -53,7 +55,8 @@ async def execute_async(task: Task[Any, Any], ctx: Context, *, store: bool = Tru
     backend = task.backend if store else None
     body = body or BodyRun()
     with request_context(ctx):
-        error = await asyncio.to_thread(_begin, task, ctx, args, kwargs, backend)
+        error: BaseException | None = await asyncio.to_thread(_begin, task, ctx, args, kwargs,
+                                                              backend)
         retval: Any = None
         from_body = False
         if error is None:
@@ -64,6 +67,10 @@ async def execute_async(task: Task[Any, Any], ctx: Context, *, store: bool = Tru
                     retval = await body.run(retval)
             except Exception as exc:
                 error = exc
+            except BODY_EXITS as exc:
+                if isinstance(exc, asyncio.CancelledError) and _pool_cancelled(body):
+                    raise  # shutdown or terminate: this run did not finish
+                error = exc  # the body's own: it fails the task, as on every other pool
         return await asyncio.to_thread(_finish, task, ctx, args, kwargs, backend, retval, error,
                                        from_body)
 
@@ -80,7 +87,7 @@ def _begin(task: Task[Any, Any], ctx: Context, args: list[Any], kwargs: dict[str
 
 
 def _finish(task: Task[Any, Any], ctx: Context, args: list[Any], kwargs: dict[str, Any],
-            backend: Any, retval: Any, error: Exception | None, from_body: bool) -> Outcome:
+            backend: Any, retval: Any, error: BaseException | None, from_body: bool) -> Outcome:
     """Store and announce the outcome: success, retry, failure; then ``after_return``."""
     if error is None:
         outcome = _on_success(task, ctx, retval, backend)
@@ -90,7 +97,7 @@ def _finish(task: Task[Any, Any], ctx: Context, args: list[Any], kwargs: dict[st
     return outcome
 
 
-def _error_outcome(task: Task[Any, Any], ctx: Context, backend: Any, error: Exception,
+def _error_outcome(task: Task[Any, Any], ctx: Context, backend: Any, error: BaseException,
                    from_body: bool) -> Outcome:
     # Raised again here so that the shared handlers read it (and its traceback, which
     # keeps the body's frames) from sys.exc_info(), as on the synchronous path.
@@ -103,3 +110,12 @@ def _error_outcome(task: Task[Any, Any], ctx: Context, backend: Any, error: Exce
             raise
     except Exception as exc:
         return _exception_outcome(task, ctx, exc, backend)
+    except BaseException as exc:  # BODY_EXITS
+        return _on_failure(task, ctx, exc, backend)
+
+
+def _pool_cancelled(body: BodyRun) -> bool:
+    """Whether the pool cancelled this run (a time limit, terminate, or its own shutdown,
+    which cancels the job's task itself) rather than the body cancelling itself."""
+    current = asyncio.current_task()
+    return body.cancel_reason is not None or (current is not None and current.cancelling() > 0)

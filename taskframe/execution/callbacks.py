@@ -49,7 +49,7 @@ def dispatch_callbacks(task: Task[Any, Any], ctx: Context, retval: Any) -> None:
         on_chord_part_return(task, ctx, states.SUCCESS, retval)
 
 
-def dispatch_errbacks(task: Task[Any, Any], ctx: Context, exc: Exception, einfo: str) -> None:
+def dispatch_errbacks(task: Task[Any, Any], ctx: Context, exc: BaseException, einfo: str) -> None:
     """Call the errbacks, fail the chain steps that will never run, count a chord part."""
     call_errbacks(task.app, ctx.errbacks, ctx, exc, einfo)
     if ctx.chain:

@@ -265,6 +265,8 @@ class BodyRun:
         except asyncio.CancelledError as exc:
             self._raise_decision(exc)
             raise
+        except _BodyExit as carrier:
+            raise carrier.exc.with_traceback(carrier.exc.__traceback__) from None
         if self.cancel_reason == TIME_LIMIT:  # the body swallowed the cancellation
             raise TimeLimitExceeded(self.time_limit)
         return value
@@ -299,8 +301,23 @@ class BodyRun:
         return exc
 
 
+class _BodyExit(Exception):
+    """Carries a body's ``SystemExit``/``KeyboardInterrupt`` out of its asyncio task.
+
+    Raised by a task, asyncio re-raises those two in the event loop itself, which stops
+    it (and with it the asyncio pool); ``BodyRun.run`` raises the original again.
+    """
+
+    def __init__(self, exc: BaseException) -> None:
+        super().__init__(exc)
+        self.exc = exc
+
+
 async def _interruptible(awaitable: Awaitable[T], run: BodyRun) -> T:
-    return await _Interruptible(awaitable, run)
+    try:
+        return await _Interruptible(awaitable, run)
+    except (SystemExit, KeyboardInterrupt) as exc:
+        raise _BodyExit(exc) from None
 
 
 class _Interruptible(Generic[T]):

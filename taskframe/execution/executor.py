@@ -7,6 +7,7 @@ eager calls alike. It never raises for a task's own exception: the outcome
 
 from __future__ import annotations
 
+import asyncio
 import inspect
 import logging
 import os
@@ -24,9 +25,17 @@ from taskframe.protocol.results import ResultContext
 if TYPE_CHECKING:
     from taskframe.client.task import Task
 
-__all__ = ["Outcome", "execute", "fail_outside"]
+__all__ = ["BODY_EXITS", "Outcome", "execute", "fail_outside"]
 
 logger = logging.getLogger("taskframe.worker.trace")
+
+#: What a task body may raise that is not an ``Exception`` and still only ends its own run:
+#: ``sys.exit()``, a ``KeyboardInterrupt`` it raised, the ``CancelledError`` of a helper it
+#: awaited. Each fails the task (FAILURE stored, errbacks called) and frees its pool slot.
+#: The pools' own interruptions (hard time limits, terminate, a cold shutdown's greenlet
+#: kill) are other ``BaseException``\ s and pass through.
+BODY_EXITS = (SystemExit, KeyboardInterrupt, asyncio.CancelledError)
+
 
 
 def _result_context(task: Task[Any, Any], ctx: Context) -> ResultContext:
@@ -93,6 +102,8 @@ def _run_body(task: Task[Any, Any], ctx: Context, args: list[Any], kwargs: dict[
             raise
     except Exception as exc:
         return _exception_outcome(task, ctx, exc, backend)
+    except BODY_EXITS as exc:
+        return _on_failure(task, ctx, exc, backend)
     return _on_success(task, ctx, retval, backend)
 
 
@@ -171,7 +182,7 @@ def fail_outside(task: Task[Any, Any], ctx: Context, exc: Exception, *, store: b
     return _on_failure(task, ctx, exc, task.backend if store else None, einfo=traceback)
 
 
-def _on_failure(task: Task[Any, Any], ctx: Context, exc: Exception, backend: Any, *,
+def _on_failure(task: Task[Any, Any], ctx: Context, exc: BaseException, backend: Any, *,
                 einfo: str | None = None) -> Outcome:
     task_id = str(ctx.id)
     einfo = tb_module.format_exc() if einfo is None else einfo

@@ -75,7 +75,14 @@ def _failed(job: TaskJob, app: Taskframe, exc: Exception) -> Outcome:
     from taskframe.execution.executor import fail_outside
 
     text = f"{type(exc).__name__}: {exc}"
-    return fail_outside(job.task, job.context, exc, store=job.store, traceback=text)
+    try:
+        return fail_outside(job.task, job.context, exc, store=job.store, traceback=text)
+    except Exception as settle_exc:
+        # The result store is down (or a hook failed): the message is settled all the
+        # same, and the supervisor thread that called this must live on.
+        logger.error("Task %s[%s] failed (%s) and that could not be stored: %r",
+                     job.task.name, job.id, text, settle_exc)
+        return make_outcome(states.FAILURE, exc, text)
 
 
 def _store_errors(job: TaskJob, app: Taskframe) -> bool:

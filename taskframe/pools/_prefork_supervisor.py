@@ -129,28 +129,40 @@ class Supervisor:
             os.write(self._wake_w, b"x")
 
     def _supervise(self) -> None:
+        """The supervisor thread: it must outlive any error of one turn, or no job of this
+        pool would ever be reported again (and acks_late messages would be held forever)."""
         while True:
-            with self._lock:
-                if self._closed:
-                    return
-                children = list(self._children)
-                timeout = self._next_deadline()
-                zygote = self._zygote
-            assert zygote is not None
-            by_conn = {c.conn: c for c in children if not (c.eof or c.conn.closed)}
             try:
-                ready = wait([self._wake_r, zygote.sock, *by_conn], timeout)
-            except OSError:
-                continue  # a child's fd was closed under us: look again
-            if self._wake_r in ready:
-                os.read(self._wake_r, 512)
-            for obj in ready:
-                if isinstance(obj, Connection) and obj in by_conn:
-                    self._drain(by_conn[obj], ready=True)
-            if zygote.sock in ready:
-                self._on_server_events(zygote.read())
-            self._check_limits()
-            self._dispatch_backlog()
+                if not self._supervise_once():
+                    return
+            except Exception:
+                logger.exception("prefork supervisor: a turn failed; going on")
+                time.sleep(0.1)  # no busy loop if it keeps failing
+
+    def _supervise_once(self) -> bool:
+        """One turn: wait for children, the fork server or a deadline; False once closed."""
+        with self._lock:
+            if self._closed:
+                return False
+            children = list(self._children)
+            timeout = self._next_deadline()
+            zygote = self._zygote
+        assert zygote is not None
+        by_conn = {c.conn: c for c in children if not (c.eof or c.conn.closed)}
+        try:
+            ready = wait([self._wake_r, zygote.sock, *by_conn], timeout)
+        except OSError:
+            return True  # a child's fd was closed under us: look again
+        if self._wake_r in ready:
+            os.read(self._wake_r, 512)
+        for obj in ready:
+            if isinstance(obj, Connection) and obj in by_conn:
+                self._drain(by_conn[obj], ready=True)
+        if zygote.sock in ready:
+            self._on_server_events(zygote.read())
+        self._check_limits()
+        self._dispatch_backlog()
+        return True
 
     def _on_server_events(self, events: list[tuple[Any, ...]]) -> None:
         for event in events:

@@ -233,6 +233,6 @@ def run_here(job: TaskJob) -> None:
     job.accepted()
     try:
         outcome = execute(job.task, job.context, store=job.store)
-    except Exception as exc:
+    except BaseException as exc:  # the slot is freed on every path
         outcome = internal_failure(job, exc)
     job.on_done(job, outcome)

@@ -21,7 +21,7 @@ from collections.abc import Collection, Mapping
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
-from taskframe.errors import InvalidTaskError
+from taskframe.errors import DecodeError, InvalidTaskError
 from taskframe.protocol.message import TaskMessage
 from taskframe.transport import serialization
 
@@ -350,22 +350,28 @@ def _sig_list(task_id: str, field: str, value: Any) -> list[dict[str, Any]] | No
     return [s for s in sigs if s is not None]
 
 
-def decode_message(message: Message, accept: Collection[str]) -> TaskMessage:
+def decode_message(message: Message, accept: Collection[str],
+                   max_size: int | None = None) -> TaskMessage:
     """Deserialize a received message's body and decode the task in it.
 
-    The body is decompressed first when the ``compression`` header says so.
+    The content type is checked first; then the body is decompressed when the
+    ``compression`` header says so, to at most ``max_size`` bytes (``None``: no bound).
 
     Raises:
         ContentDisallowed: the content type is not in ``accept``.
-        DecodeError: the body cannot be decompressed or deserialized.
+        DecodeError: the body cannot be decompressed or deserialized, or it is (or
+            decompresses to) more than ``max_size`` bytes.
         InvalidTaskError: the payload is not a task message.
         taskframe.transport.errors.ImproperlyConfigured: ``accept`` names an
             unknown serializer (a configuration error, not a message error).
     """
+    serialization.ensure_accepted(message.content_type, accept)
     data = message.body
+    if max_size is not None and len(data) > max_size:
+        raise DecodeError(f"body of {len(data)} bytes is over the limit of {max_size}")
     compression = message.headers.get("compression")
     if compression:
-        data = serialization.decompress(data, str(compression))
+        data = serialization.decompress(data, str(compression), max_size)
     payload = serialization.loads(data, message.content_type, message.content_encoding,
                                   accept)
     return decode_task(message.headers, message.properties, payload)

@@ -16,6 +16,7 @@ import time
 from typing import TYPE_CHECKING
 
 from taskframe import signals
+from taskframe.canvas.chord_completion import on_revoked
 from taskframe.errors import (
     ContentDisallowed,
     DecodeError,
@@ -51,6 +52,7 @@ class Intake:
     held: int
     revoked: RevokedSet | None
     timers: list[tuple[float, int, Request]]
+    max_message_size: int | None
     reserved: collections.deque[Request]
     _seq: itertools.count[int]
 
@@ -63,7 +65,7 @@ class Intake:
     def on_message(self, message: Message) -> None:
         """Decode, validate and reserve one message (or reject it with one log line)."""
         try:
-            tm = decode_message(message, self.accept)
+            tm = decode_message(message, self.accept, self.max_message_size)
         except ContentDisallowed as exc:
             return self._discard(message, f"content type refused ({exc}); accept_content is "
                                  f"{list(self.accept)}")
@@ -125,12 +127,13 @@ class Intake:
 
     def _revoke_expired(self, request: Request) -> None:
         logger.info("Task %s[%s] expired: not run", request.name, request.id)
-        if not request.context.ignore_result and self.app.result_backend_url is not None:
-            self.app.backend.mark_as_revoked(request.id, "expired")
-        if self.app.result_backend_url is not None:  # a chord header part still counts
-            from taskframe.canvas.chord_completion import on_revoked
-
-            on_revoked(request.task, request.context, "expired")
+        if self.app.result_backend_url is not None:
+            try:
+                if not request.context.ignore_result:
+                    self.app.backend.mark_as_revoked(request.id, "expired")
+                on_revoked(request.task, request.context, "expired")  # a chord part counts
+            except Exception as exc:  # the store is down: the message is settled all the same
+                logger.warning("could not store REVOKED (expired) for %s: %r", request.id, exc)
         signals.task_revoked.send(sender=request.task, request=request.context,
                                   terminated=False, signum=None, expired=True)
         self._settle(request, ACK)
@@ -145,8 +148,6 @@ class Intake:
         """Skip a revoked task: store REVOKED (never over a result), signal, ack."""
         logger.info("Discarding revoked task: %s[%s]", request.name, request.id)
         if self.app.result_backend_url is not None:
-            from taskframe.canvas.chord_completion import on_revoked
-
             try:
                 if not request.context.ignore_result:
                     self.app.backend.mark_as_revoked(request.id, "revoked")

@@ -15,6 +15,7 @@ import threading
 from typing import TYPE_CHECKING
 
 from taskframe import states
+from taskframe.canvas.chord_completion import on_revoked
 from taskframe.errors import TransportError
 from taskframe.transport.base import MessageState
 from taskframe.transport.errors import ConnectionLost
@@ -164,8 +165,6 @@ class Settling:
         """The job ended (any thread): settle late acks, free the slot."""
         request: Request = job.request
         if outcome.state == states.REVOKED and self._store_results():  # terminated
-            from taskframe.canvas.chord_completion import on_revoked
-
             on_revoked(job.task, job.context, "terminated")
         try:
             if request.acks_late:

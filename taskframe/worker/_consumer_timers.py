@@ -10,9 +10,12 @@ messages in memory.
 from __future__ import annotations
 
 import heapq
+import itertools
+import logging
 import time
 from typing import TYPE_CHECKING
 
+from taskframe.transport.errors import BrokerConnectionError, TransportError
 from taskframe.transport.producer import publish_on
 from taskframe.worker._consumer_settle import ACK
 
@@ -31,6 +34,8 @@ __all__ = ["LOCAL_ETA_WINDOW", "Timers"]
 LOCAL_ETA_WINDOW = 2.0
 
 
+logger = logging.getLogger("taskframe.worker.consumer")
+
 class Timers:
     """The ``Consumer``'s part that holds requests until their ETA or rate limit allows."""
 
@@ -42,6 +47,7 @@ class Timers:
     limited: list[tuple[float, int, Request]]
     rate_limits: RateLimits
     disable_rate_limits: bool
+    _seq: itertools.count[int]
 
     if TYPE_CHECKING:  # the step of the consumer's other parts that deferral ends with
         def _settle(self, request: Request, action: str) -> None: ...
@@ -60,10 +66,23 @@ class Timers:
         return bool(routing_key) and self.connection.transport.can_delay(exchange, routing_key)
 
     def _defer(self, request: Request, delay: float) -> None:
-        """Give a far-future ETA message back to the broker, delayed; then ack the original."""
+        """Give a far-future ETA message back to the broker, delayed; then ack the original.
+
+        A broker that refuses the delayed copy (a nack, a delay over its limit) leaves the
+        original held here, in the timers, as for a broker that cannot delay; a lost
+        connection is the loop's to handle (the original comes back by itself).
+        """
         exchange, routing_key = _origin(request.message)
-        publish_on(self.connection.transport, request.message.to_envelope(),
-                   exchange=exchange, routing_key=routing_key, delay=delay)
+        try:
+            publish_on(self.connection.transport, request.message.to_envelope(),
+                       exchange=exchange, routing_key=routing_key, delay=delay)
+        except BrokerConnectionError:
+            raise
+        except TransportError as exc:
+            logger.warning("Task %s[%s]: the broker refused its delayed copy (%s); its ETA "
+                           "is kept here", request.name, request.id, exc)
+            heapq.heappush(self.timers, (time.monotonic() + delay, next(self._seq), request))
+            return
         self._settle(request, ACK)
 
     # -- rate limits ------------------------------------------------------------------

@@ -72,6 +72,8 @@ class Consumer(Intake, Timers, Settling, Reconnection):
         self.hostname = hostname
         self.prefetch_count = prefetch_count
         self.accept = tuple(app.conf.accept_content)
+        limit = app.conf.worker_max_message_size
+        self.max_message_size: int | None = int(limit) if limit else None
         self.completions: queue.SimpleQueue[tuple[Request, str]] = queue.SimpleQueue()
         self.reserved: collections.deque[Request] = collections.deque()
         self.timers: list[tuple[float, int, Request]] = []  # ETA not reached yet
@@ -114,14 +116,23 @@ class Consumer(Intake, Timers, Settling, Reconnection):
     # -- the loop ---------------------------------------------------------------------
 
     def run(self) -> None:
-        """Run the loop until ``stop()``; reconnects when the broker link drops."""
+        """Run the loop until ``stop()``: nothing but ``stop()`` ends it.
+
+        A dropped link, or any other broker error that is not about one message (Redis
+        ``READONLY`` after a failover, ``LOADING``, ...), reconnects with backoff. Any
+        other error of a turn is logged and the loop goes on: a worker that exits leaves
+        its messages to the next one, which would meet the same error.
+        """
         while not self._stop.is_set():
             try:
                 self.turn()
-            except (ConnectionLost, BrokerConnectionError) as exc:
+            except TransportError as exc:
                 if self._stop.is_set():
                     break
                 self._reconnect(exc)
+            except Exception:
+                logger.exception("a turn of the consumer loop failed; going on")
+                self._stop.wait(0.1)  # no busy loop if it keeps failing
 
     def turn(self) -> None:
         """One pass of the loop."""

@@ -56,6 +56,20 @@ async def aboom() -> None:
     raise KeyError("aboom")
 
 
+@app.task(name="poolproj.exits", acks_late=True)
+def exits(kind: str) -> None:
+    """A body that raises a BaseException of its own (not the pool's interruption)."""
+    raise SystemExit(3) if kind == "SystemExit" else KeyboardInterrupt()
+
+
+@app.task(name="poolproj.acancelled", acks_late=True)
+async def acancelled() -> None:
+    """An async body whose own helper is cancelled: CancelledError is the task's failure."""
+    helper = asyncio.ensure_future(asyncio.sleep(30))
+    helper.cancel()
+    await helper
+
+
 @app.task(name="poolproj.whoami", bind=True)
 async def whoami(self: Task[Any, Any]) -> str | None:
     """The request id seen inside an async task (``self.request`` works there too)."""
