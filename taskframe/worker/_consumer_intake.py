@@ -127,16 +127,7 @@ class Intake:
 
     def _revoke_expired(self, request: Request) -> None:
         logger.info("Task %s[%s] expired: not run", request.name, request.id)
-        if self.app.result_backend_url is not None:
-            try:
-                if not request.context.ignore_result:
-                    self.app.backend.mark_as_revoked(request.id, "expired")
-                on_revoked(request.task, request.context, "expired")  # a chord part counts
-            except Exception as exc:  # the store is down: the message is settled all the same
-                logger.warning("could not store REVOKED (expired) for %s: %r", request.id, exc)
-        signals.task_revoked.send(sender=request.task, request=request.context,
-                                  terminated=False, signum=None, expired=True)
-        self._settle(request, ACK)
+        self._skip(request, "expired")
 
     def _is_revoked(self, request: Request) -> bool:
         revoked = self.revoked
@@ -147,13 +138,21 @@ class Intake:
     def _discard_revoked(self, request: Request) -> None:
         """Skip a revoked task: store REVOKED (never over a result), signal, ack."""
         logger.info("Discarding revoked task: %s[%s]", request.name, request.id)
+        self._skip(request, "revoked")
+
+    def _skip(self, request: Request, reason: str) -> None:
+        """Store REVOKED with ``reason`` and count a chord part, signal, ack: not run.
+
+        A result store that is down does not keep the message: it is settled all the same.
+        """
         if self.app.result_backend_url is not None:
             try:
                 if not request.context.ignore_result:
-                    self.app.backend.mark_as_revoked(request.id, "revoked")
-                on_revoked(request.task, request.context, "revoked")  # a chord part counts
+                    self.app.backend.mark_as_revoked(request.id, reason)
+                on_revoked(request.task, request.context, reason)  # a chord part counts
             except Exception as exc:
-                logger.warning("could not store REVOKED for %s: %r", request.id, exc)
+                logger.warning("could not store REVOKED (%s) for %s: %r", reason, request.id,
+                               exc)
         signals.task_revoked.send(sender=request.task, request=request.context,
-                                  terminated=False, signum=None, expired=False)
+                                  terminated=False, signum=None, expired=reason == "expired")
         self._settle(request, ACK)
