@@ -191,6 +191,8 @@ class Transport(abc.ABC):
         supports_delay: ``publish(delay=...)`` keeps the message broker-side.
         supports_fanout: fanout exchanges (broadcast) work.
         default_port: used when the URL names none.
+        keeps_deliveries: a delivery belongs to this transport object, not to its link
+            (see ``drop``).
     """
 
     schemes: ClassVar[tuple[str, ...]] = ()
@@ -198,6 +200,7 @@ class Transport(abc.ABC):
     supports_fanout: ClassVar[bool] = False
     lower_priority_first: ClassVar[bool] = False
     default_port: ClassVar[int | None] = None
+    keeps_deliveries: ClassVar[bool] = False
 
     def __init__(self, url: str, options: Mapping[str, Any] | None = None) -> None:
         """Remember the URL and ``broker_transport_options``; do not connect yet."""
@@ -217,6 +220,17 @@ class Transport(abc.ABC):
     @abc.abstractmethod
     def close(self) -> None:
         """Release the link. Held messages come back to their queues. Idempotent."""
+
+    def drop(self) -> None:
+        """The link failed: let it go, for ``connect()`` to open another.
+
+        Where ``keeps_deliveries`` is True (Redis, SQL: a held message is a claim in the
+        broker's data, which outlives a socket), the messages held before stay held by
+        this object: ``connect()`` writes the acks, rejects and requeues that could not be
+        written, renews the claims, and they can be settled as usual. Elsewhere (AMQP:
+        the broker requeues a closed channel's deliveries) this is ``close()``.
+        """
+        self.close()
 
     @property
     @abc.abstractmethod

@@ -189,8 +189,30 @@ class Connection:
                 logger.warning("closing %s: %s", self.safe_url(), exc)
 
     def _switch_url(self) -> None:
+        transport = self._transport
+        if len(self.urls) == 1 and transport is not None and transport.keeps_deliveries:
+            transport.drop()  # the same broker: keep what the transport holds
+            return
         self.close()
         self._index = (self._index + 1) % len(self.urls)
+
+    def reconnect(self, **policy: Any) -> bool:
+        """After the link failed: connect again (``ensure_connection(**policy)``).
+
+        Returns:
+            True when the messages held before are still held and can be settled: the
+            transport keeps deliveries across links (``Transport.keeps_deliveries``) and
+            the broker is the same (no failover to another URL). False when they are
+            not (AMQP: the broker gives them back by itself).
+        """
+        transport = self._transport
+        keeps = transport is not None and transport.keeps_deliveries
+        if transport is not None and keeps:
+            transport.drop()
+        else:
+            self.close()
+        self.ensure_connection(**policy)
+        return keeps and self._transport is transport
 
     def ensure_connection(
         self,

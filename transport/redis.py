@@ -33,6 +33,10 @@ Features:
       kombu's ``unacked_mutex`` lock (``SET NX PX``). ``close()`` gives held
       messages back at once; if the server is unreachable they stay in
       ``unacked`` and come back after the visibility timeout.
+    * A delivery belongs to the transport, not to its socket
+      (``keeps_deliveries``): after ``drop()`` (a failed link) the held messages
+      stay held; the acks, rejects and requeues that could not be written wait
+      and ``connect()`` writes them, then renews every claim (``Claims.resume``).
     * ``publish(delay=...)`` (``supports_delay``): one sorted set
       ``taskframe.delayed`` scored by due time; due messages move to their list
       in a Lua script (ZREM decides, so each moves once), from ``maintain()``
@@ -96,7 +100,7 @@ from . import redis_scripts as lua
 from . import redis_upkeep as upkeep
 from .base import Envelope, Message, Transport
 from .entities import Exchange, Queue
-from .errors import BrokerConnectionError, ImproperlyConfigured
+from .errors import BrokerConnectionError, ImproperlyConfigured, TransportError
 from .redis_bindings import Bindings
 from .redis_claims import Claims
 from .redis_fanout import FanoutSubscriber
@@ -141,6 +145,8 @@ class RedisTransport(Transport):
     default_port: ClassVar[int | None] = 6379
     #: Redis priorities follow kombu: a lower number is consumed first.
     lower_priority_first: ClassVar[bool] = True
+    #: A held message is a claim in ``unacked``; it outlives the socket (see ``drop``).
+    keeps_deliveries: ClassVar[bool] = True
 
     def __init__(self, url: str, options: Mapping[str, Any] | None = None) -> None:
         super().__init__(url, options)
@@ -205,19 +211,31 @@ class RedisTransport(Transport):
             raise
         self._client = client
         self._scripts = lua.register(client)
+        try:  # after drop(): what we held is still ours (see keeps_deliveries)
+            self._claims.resume(client, self._scripts["requeue"])
+        except TransportError as exc:
+            self._client = None
+            client.close()
+            raise BrokerConnectionError(f"{self!r}: settling after reconnecting: {exc}") from exc
 
     def close(self) -> None:
         client = self._client
         if client is None:
+            self._claims.abandon()  # dropped and never connected again
             return
         self._claims.release(client, self._scripts["requeue"])
-        self._client = None
+        self.drop()
+
+    def drop(self) -> None:
+        """Let the link go, keeping the held messages (``connect()`` resumes them)."""
+        client, self._client = self._client, None
         fanout, self._fanout = self._fanout, None
         try:
             self._idle.drop()
             if fanout is not None:
                 fanout.close()
-            client.close()
+            if client is not None:
+                client.close()
         except (redis.exceptions.RedisError, OSError) as exc:
             logger.debug("%r: closing: %s", self, exc)
 
@@ -381,7 +399,7 @@ class RedisTransport(Transport):
     def ack(self, message: Message) -> None:
         tag = str(message.delivery_tag)
         if tag in self._claims.held:  # else a fanout message: nothing is held
-            self._claims.forget(self._redis(), tag, "ack")
+            self._claims.forget(self._client, tag, "ack")
 
     def ack_many(self, messages: Sequence[Message]) -> None:
         """Ack held messages; the acks reach Redis with the next claim (``Claims.ack_later``)."""
@@ -395,9 +413,9 @@ class RedisTransport(Transport):
         if tag not in self._claims.held:
             return  # a fanout message: nothing is held
         if requeue:
-            self._claims.requeue(self._redis(), self._scripts["requeue"], tag)
+            self._claims.requeue(self._client, self._scripts["requeue"], tag)
         else:
-            self._claims.forget(self._redis(), tag, "reject")
+            self._claims.forget(self._client, tag, "reject")
 
     # -- upkeep ---------------------------------------------------------------------------
 

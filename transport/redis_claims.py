@@ -9,6 +9,14 @@ and requeues, refreshes the claims' scores and gives back what is held on close.
 
 Its methods take the redis-py client (and the script they run) from the transport, and
 translate redis-py's errors themselves.
+
+A delivery belongs to the transport object, not to its socket (``keeps_deliveries``):
+an ack, reject or requeue that cannot be written because the link failed waits in
+``acks_due`` / ``requeues_due``, and ``resume`` writes them once the transport has
+connected again, then renews every claim at once. Before, a reconnect gave back every
+held message, the running tasks' too (a short blip ran acks_late tasks twice, side by
+side), and what a dead server could not take back stayed stuck for the visibility
+timeout.
 """
 
 from __future__ import annotations
@@ -24,7 +32,7 @@ from redis.commands.core import Script
 
 from . import redis_upkeep as upkeep
 from .base import Message, MessageState
-from .errors import TransportError
+from .errors import ConnectionLost, TransportError
 from .redis_layout import KeyLayout, mark_redelivered, text, translate_errors
 
 __all__ = ["Claims"]
@@ -45,8 +53,11 @@ class Claims:
         #: Held messages: tag -> the list key each was taken from. The transport records
         #: a message here as it hands it out (after ``claim``).
         self.held: dict[str, str] = {}
-        #: Tags acked by ``ack_later``; the next claim (or ``send_acks``) removes them.
+        #: Tags acked by ``ack_later``, or acked or rejected while the link was down; the
+        #: next claim (or ``send_acks``) removes them.
         self.acks_due: list[str] = []
+        #: Tags requeued while the link was down -> their list; ``resume`` requeues them.
+        self.requeues_due: dict[str, str] = {}
         self._layout = layout
         self._unacked = layout.key(layout.unacked)
         self._index = layout.key(layout.unacked_index)
@@ -99,53 +110,94 @@ class Claims:
         if not self.acks_due:
             return
         acks, self.acks_due = self.acks_due, []
-        with translate_errors(f"ack of {len(acks)} message(s)"):
-            pipe = client.pipeline()
-            pipe.zrem(self._index, *acks)
-            for tag in acks:
-                pipe.hdel(self._unacked, tag)
-            removed = pipe.execute()[1:]
+        try:
+            with translate_errors(f"ack of {len(acks)} message(s)"):
+                pipe = client.pipeline()
+                pipe.zrem(self._index, *acks)
+                for tag in acks:
+                    pipe.hdel(self._unacked, tag)
+                removed = pipe.execute()[1:]
+        except TransportError:
+            self.acks_due = acks + self.acks_due  # sent again on the next try
+            raise
         for tag, count in zip(acks, removed, strict=True):
             if not count:
                 self.warn_lost("ack", tag)
 
-    def forget(self, client: redis.Redis, tag: str, action: str) -> None:
-        """Remove held message ``tag`` from ``unacked`` (``action``: an ack or a reject)."""
+    def forget(self, client: redis.Redis | None, tag: str, action: str) -> None:
+        """Remove held message ``tag`` from ``unacked`` (``action``: an ack or a reject).
+
+        If the link is down (``client`` None, or it fails now) the removal waits in
+        ``acks_due`` for the next claim or ``resume``: the message counts as settled.
+        """
+        # Not refreshed any more: if the ack never lands, the message is restored after
+        # the visibility timeout instead of being held forever.
+        del self.held[tag]
         try:
+            if client is None:
+                raise ConnectionLost("not connected")
             with translate_errors(f"{action} of message {tag}"):
                 pipe = client.pipeline()
                 pipe.zrem(self._index, tag)
                 pipe.hdel(self._unacked, tag)
                 _, removed = pipe.execute()
-        finally:
-            # Not refreshed any more: if the ack did not land, the message is restored
-            # after the visibility timeout instead of being held forever.
-            del self.held[tag]
+        except TransportError as exc:
+            self.acks_due.append(tag)
+            if not isinstance(exc, ConnectionLost):
+                raise
+            logger.info("%s: %s of message %s waits for the link (%s)", self._owner, action,
+                        tag, exc)
+            return
         if not removed:
             self.warn_lost(action, tag)
 
-    def requeue(self, client: redis.Redis, script: Script, tag: str) -> None:
-        """Put held message ``tag`` back at the front of the list it came from, once."""
-        key = self.held[tag]
+    def requeue(self, client: redis.Redis | None, script: Script, tag: str) -> None:
+        """Put held message ``tag`` back at the back of the list it came from, once.
+
+        If the link is down the requeue waits in ``requeues_due`` for ``resume``.
+        """
+        key = self.held.pop(tag)
         try:
-            with translate_errors(f"requeue of message {tag}"):
-                value = client.hget(self._unacked, tag)
-                done = 0
-                if value is not None:
-                    raw = upkeep.stored_envelope(text(value))
-                    done = script(keys=[self._unacked, self._index, key],
-                                  args=[tag, mark_redelivered(raw), "LPUSH"], client=client)
-        finally:
-            del self.held[tag]
+            if client is None:
+                raise ConnectionLost("not connected")
+            done = self._requeue(client, script, tag, key)
+        except TransportError as exc:
+            self.requeues_due[tag] = key
+            if not isinstance(exc, ConnectionLost):
+                raise
+            logger.info("%s: requeue of message %s waits for the link (%s)", self._owner, tag,
+                        exc)
+            return
         if not done:
             self.warn_lost("requeue", tag)
 
-    def refresh(self, client: redis.Redis, now: float) -> None:
+    def _requeue(self, client: redis.Redis, script: Script, tag: str, key: str) -> int:
+        with translate_errors(f"requeue of message {tag}"):
+            value = client.hget(self._unacked, tag)
+            if value is None:
+                return 0
+            raw = upkeep.stored_envelope(text(value))
+            return int(script(keys=[self._unacked, self._index, key],
+                              args=[tag, mark_redelivered(raw), "LPUSH"], client=client))
+
+    def resume(self, client: redis.Redis, script: Script) -> None:
+        """After connecting again: write the settles that waited for the link, renew
+        every claim now (a claim the server lost, restarted without its data or restored
+        by another consumer after the visibility timeout, is logged)."""
+        self.send_acks(client)
+        for tag, key in list(self.requeues_due.items()):
+            if not self._requeue(client, script, tag, key):
+                self.warn_lost("requeue", tag)
+            del self.requeues_due[tag]
+        self.refresh(client, time.time(), force=True)
+
+    def refresh(self, client: redis.Redis, now: float, *, force: bool = False) -> None:
         """Score every held message ``now``, so no restorer (ours or kombu's) takes it.
 
-        At most every tenth of the visibility timeout (and every 30 s).
+        At most every tenth of the visibility timeout (and every 30 s), unless ``force``.
         """
-        if not self.held or now - self._refreshed_at < min(self._visibility_timeout / 10, 30.0):
+        due = now - self._refreshed_at >= min(self._visibility_timeout / 10, 30.0)
+        if not self.held or not (due or force):
             return
         with translate_errors("refreshing claims"):
             changed = upkeep.refresh_claims(client, self._layout, self.held, now)
@@ -166,8 +218,10 @@ class Claims:
             logger.warning("%s: could not ack %d message(s) (%s); they run again after the "
                            "visibility timeout (%.0f s)", self._owner, len(self.acks_due), exc,
                            self._visibility_timeout)
-        if self.held:
-            held, self.held = self.held, {}
+            self.acks_due = []
+        if self.held or self.requeues_due:
+            held = {**self.held, **self.requeues_due}
+            self.held, self.requeues_due = {}, {}
             try:
                 self._give_back(client, script, held)
             except TransportError as exc:
@@ -188,6 +242,17 @@ class Claims:
                     keys=[self._unacked, self._index, key],
                     args=[tag, mark_redelivered(raw), "RPUSH"], client=client,
                 )
+
+    def abandon(self) -> None:
+        """On close with the link down: log what stays in ``unacked`` (it comes back after
+        the visibility timeout) and forget it."""
+        waiting = len(self.held) + len(self.requeues_due) + len(self.acks_due)
+        if waiting:
+            logger.warning(
+                "%s: closed while the broker was unreachable: %d held message(s) and settles "
+                "could not be written; they come back after the visibility timeout (%.0f s)",
+                self._owner, waiting, self._visibility_timeout)
+        self.held, self.requeues_due, self.acks_due = {}, {}, []
 
     def warn_lost(self, action: str, tag: str) -> None:
         """Log that ``tag`` was no longer held when ``action`` came (it may run twice)."""

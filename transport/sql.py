@@ -14,6 +14,9 @@ Features:
       go to another consumer. A live consumer keeps its claims by calling
       ``maintain()`` at least every ``visibility_timeout / 4`` seconds; the
       worker's consumer loop does so. ``close()`` releases claims at once.
+      The claims belong to the transport object, not to a database connection
+      (``keeps_deliveries``): after ``drop()`` and ``connect()`` they are still
+      held, and settles that could not be written are written then.
     * ``ack`` deletes the row only if it still carries this transport's claim
       token (a warning is logged when the claim was lost, as the message may
       then run twice). On PostgreSQL acks commit with ``synchronous_commit
@@ -86,6 +89,8 @@ class SQLTransport(Transport):
 
     schemes: ClassVar[tuple[str, ...]] = ("sqlite", "sqla")
     supports_delay: ClassVar[bool] = True
+    #: A held row carries this transport's token; the claim outlives connections.
+    keeps_deliveries: ClassVar[bool] = True
     supports_fanout: ClassVar[bool] = True
 
     def __init__(self, url: str, options: Mapping[str, Any] | None = None) -> None:
@@ -117,16 +122,27 @@ class SQLTransport(Transport):
     # -- connection -------------------------------------------------------------------
 
     def connect(self) -> None:
-        if self._db.engine is None:
-            self._db.open()
+        if self._db.engine is not None:
+            return
+        self._db.open()
+        try:  # after drop(): the rows we held still carry our token (keeps_deliveries)
+            self._claims.resume()
+        except TransportError as exc:
+            self._db.close()
+            raise BrokerConnectionError(f"{self!r}: settling after reconnecting: {exc}") from exc
 
     def close(self) -> None:
         if self._db.engine is None:
+            self._claims.abandon()  # dropped and never connected again
             return
+        self._claims.release_all()
+        self.drop()
+
+    def drop(self) -> None:
+        """Let the database connections go, keeping the claims (``connect()`` resumes them)."""
         if self._listener is not None:
             self._listener.close()
             self._listener = None
-        self._claims.release_all()
         self._db.close()
 
     @property

@@ -8,6 +8,13 @@ then an ``UPDATE`` where the database has no ``RETURNING``), deletes or releases
 when settled (only while they still carry the token: a lost claim is logged, as its
 message may run twice), pushes the deadlines of held rows back (``refresh``) and
 releases them all on close. Each runs in a transaction of the transport's ``Database``.
+
+The token belongs to the transport object, not to its connections (``keeps_deliveries``):
+a settle that cannot be written because the database is unreachable waits in
+``settles_due``, and ``resume`` writes it once the transport has connected again, then
+renews every claim at once. Before, a reconnect made a new transport with a new token:
+the rows the old one held stayed claimed by nobody until the visibility timeout and then
+ran again, the running tasks' too.
 """
 
 from __future__ import annotations
@@ -21,7 +28,7 @@ from typing import Any
 import sqlalchemy as sa
 
 from .base import Message, MessageState
-from .errors import BrokerConnectionError
+from .errors import BrokerConnectionError, TransportError
 from .sql_database import Database
 from .sql_schema import Tables
 
@@ -55,6 +62,9 @@ class Claims:
         self.token = uuid.uuid4().hex
         #: Ids of the rows handed out and not settled yet (the transport adds them).
         self.held: set[int] = set()
+        #: Settles that could not be written (the database was unreachable): row id ->
+        #: delete it (ack, reject) or release it (requeue). ``resume`` writes them.
+        self.settles_due: dict[int, bool] = {}
         self._db = db
         self._messages = tables.messages
         self._visibility_timeout = visibility_timeout
@@ -101,7 +111,25 @@ class Claims:
         return rows, 0 if returning else 1
 
     def settle(self, tag: int, *, delete: bool, action: str) -> None:
-        """Delete held row ``tag`` (ack, reject) or release it to its queue (requeue)."""
+        """Delete held row ``tag`` (ack, reject) or release it to its queue (requeue).
+
+        If the database is unreachable the settle waits in ``settles_due`` for ``resume``
+        (the message counts as settled).
+        """
+        self.held.discard(tag)
+        try:
+            count = self._write(tag, delete=delete, action=action)
+        except TransportError as exc:
+            self.settles_due[tag] = delete
+            if not isinstance(exc, BrokerConnectionError):
+                raise
+            logger.info("%s: %s of message %s waits for the database (%s)", self._owner,
+                        action, tag, exc)
+            return
+        if count == 0:
+            self._warn_lost(action, tag)
+
+    def _write(self, tag: int, *, delete: bool, action: str) -> int:
         messages = self._messages
         ours = sa.and_(messages.c.id == tag, messages.c.claim == self.token)
 
@@ -116,14 +144,14 @@ class Claims:
             self._db.notify(conn)
             return count
 
-        count = self._db.run(f"{action} of message {tag}", settle)
-        self.held.discard(tag)
-        if count == 0:
-            logger.warning(
-                "%s: %s of message %s: its claim was lost (visibility timeout of %.1fs passed "
-                "without maintain()?); another consumer may run it again",
-                self._owner, action, tag, self._visibility_timeout,
-            )
+        return self._db.run(f"{action} of message {tag}", settle)
+
+    def _warn_lost(self, action: str, tag: int) -> None:
+        logger.warning(
+            "%s: %s of message %s: its claim was lost (visibility timeout of %.1fs passed "
+            "without maintain()?); another consumer may run it again",
+            self._owner, action, tag, self._visibility_timeout,
+        )
 
     def ack_many(self, messages: Sequence[Message]) -> None:
         """Delete several held messages' rows in one statement (one commit)."""
@@ -138,7 +166,13 @@ class Claims:
                 conn.execute(sa.text("SET LOCAL synchronous_commit = off"))
             return int(conn.execute(sa.delete(table).where(ours)).rowcount)
 
-        count = self._db.run(f"ack of {len(tags)} messages", settle)
+        try:
+            count = self._db.run(f"ack of {len(tags)} messages", settle)
+        except BrokerConnectionError as exc:
+            logger.info("%s: ack of %d messages waits for the database (%s)", self._owner,
+                        len(tags), exc)
+            self.settles_due.update(dict.fromkeys(tags, True))
+            count = len(tags)
         for message in messages:
             self.held.discard(message.delivery_tag)
             message.state = MessageState.ACKED
@@ -149,14 +183,24 @@ class Claims:
                 self._owner, len(tags), len(tags) - count, self._visibility_timeout,
             )
 
-    def refresh(self) -> None:
+    def resume(self) -> None:
+        """After connecting again: write the settles that waited, renew every claim now."""
+        for tag, delete in list(self.settles_due.items()):
+            action = "ack" if delete else "requeue"
+            if not self._write(tag, delete=delete, action=action):
+                self._warn_lost(action, tag)
+            del self.settles_due[tag]
+        self.refresh(force=True)
+
+    def refresh(self, *, force: bool = False) -> None:
         """Push back the deadline of every held row.
 
-        Skipped within a tenth of the visibility timeout of the last refresh: the claims
-        are still fresh.
+        Skipped within a tenth of the visibility timeout of the last refresh (the claims
+        are still fresh), unless ``force``.
         """
         now = time.time()
-        if not self.held or now - self._refreshed_at < self._visibility_timeout / 10:
+        fresh = now - self._refreshed_at < self._visibility_timeout / 10
+        if not self.held or (fresh and not force):
             return
         messages = self._messages
         refresh = (
@@ -179,13 +223,27 @@ class Claims:
         If the database cannot be reached, they come back anyway once the visibility
         timeout passes.
         """
-        if not self.held:
-            return
         try:
-            self._db.run("releasing claims", self._release_all)
-        except BrokerConnectionError as exc:
+            if self.settles_due:
+                self.resume()
+            if self.held:
+                self._db.run("releasing claims", self._release_all)
+        except TransportError as exc:
             logger.warning("%s: could not release held messages: %s", self._owner, exc)
         self.held.clear()
+        self.settles_due.clear()
+
+    def abandon(self) -> None:
+        """On close with the database unreachable: log what stays claimed (it comes back
+        after the visibility timeout) and forget it."""
+        if self.held or self.settles_due:
+            logger.warning(
+                "%s: closed while the database was unreachable: %d held message(s) and "
+                "settles could not be written; they come back after the visibility timeout "
+                "(%.0f s)", self._owner, len(self.held) + len(self.settles_due),
+                self._visibility_timeout)
+        self.held.clear()
+        self.settles_due.clear()
 
     def _release_all(self, conn: sa.Connection) -> None:
         messages = self._messages

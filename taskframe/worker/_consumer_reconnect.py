@@ -1,20 +1,22 @@
 """Reconnection: consuming from the queues, and again after the broker link drops.
 
-On connection loss every message received on the old link is marked lost (the
-broker delivers it again; tasks still running finish, their late acks are
-skipped), the consumer's queues of waiting requests are emptied, and the
-connection is made again with backoff; then the queues are declared and
-consumed again at the base prefetch bound.
+On connection loss the consumer's queues of waiting requests are emptied and the
+connection is made again with backoff; then the queues are declared and consumed
+again at the base prefetch bound. What happens to the messages received on the old
+link depends on the transport (``Connection.reconnect``): on Redis and SQL they are
+still held (a claim in the broker's data outlives the socket), so running tasks keep
+theirs and settle them as usual, and the waiting ones are given back at once; on
+AMQP the broker delivers them again by itself, so they are marked lost (tasks still
+running finish, their late acks are skipped).
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
 from typing import TYPE_CHECKING
 
-from taskframe.errors import TransportError
 from taskframe.transport.base import MessageState
+from taskframe.worker._consumer_settle import REQUEUE
 
 if TYPE_CHECKING:
     import collections
@@ -43,8 +45,9 @@ class Reconnection:
     limited: list[tuple[float, int, Request]]
     active: dict[str, Request]
 
-    if TYPE_CHECKING:  # the step of the consumer's other parts that reconnection needs
+    if TYPE_CHECKING:  # the steps of the consumer's other parts that reconnection needs
         def _take_back(self) -> list[Request]: ...
+        def _settle(self, request: Request, action: str) -> None: ...
 
     def start_consuming(self) -> None:
         """Declare the queues and start receiving from them."""
@@ -56,23 +59,28 @@ class Reconnection:
 
     def _reconnect(self, exc: Exception) -> None:
         logger.error("Connection to broker lost: %s. Reconnecting...", exc)
-        # Messages received on the dropped connection come back from the broker: forget
-        # them (running tasks still finish; their late acks are skipped).
-        pending = self._take_back() + [r for _, _, r in self.timers + self.limited] \
-            + list(self.reserved) + list(self.active.values())
-        for request in pending:
-            if not request.message.settled:
-                request.message.state = MessageState.LOST
-        self.held = 0
+        waiting = self._take_back() + [r for _, _, r in self.timers + self.limited] \
+            + list(self.reserved)
         self.timers.clear()
         self.limited.clear()
         self.reserved.clear()
-        with contextlib.suppress(TransportError):
-            self.connection.close()
-        self.connection.ensure_connection(
+        kept = self.connection.reconnect(
             max_retries=self.app.conf.broker_connection_max_retries,
             on_error=lambda err, wait: logger.warning(
                 "Broker unreachable: %s. Trying again in %.1f s", err, wait),
         )
+        if kept:
+            # Redis, SQL: the deliveries are still ours. Running tasks keep theirs (their
+            # acks go as usual); the ones not started go back to their queues now, for
+            # any consumer (their claims may have lapsed while the link was down).
+            for request in waiting:
+                self._settle(request, REQUEUE)
+        else:
+            # AMQP: the broker gives back what was received on the dropped link by itself.
+            # Forget it (running tasks still finish; their late acks are skipped).
+            for request in waiting + list(self.active.values()):
+                if not request.message.settled:
+                    request.message.state = MessageState.LOST
+            self.held = 0
         self.start_consuming()
         logger.info("Reconnected to %s", self.connection.safe_url())

@@ -1,9 +1,10 @@
-"""A project for Redis worker-process tests: configured entirely from the environment.
+"""A project for worker-process tests on Redis (and SQL): configured from the environment.
 
-TASKFRAME_BROKER_URL picks the server (tasks ignore results); RPROJ_PREFIX is the
-Redis ``global_keyprefix``, RPROJ_VISIBILITY_TIMEOUT the
-visibility timeout; RPROJ_RECORD names a file that every task run appends one line to
-(O_APPEND writes of one line are atomic), so a test can count how often each task ran.
+TASKFRAME_BROKER_URL picks the server (tasks ignore results); RPROJ_PREFIX is the Redis
+``global_keyprefix``, RPROJ_TABLE_PREFIX the SQL transport's table prefix,
+RPROJ_VISIBILITY_TIMEOUT the visibility timeout, RPROJ_SOCKET_TIMEOUT the socket timeout
+(5 s); RPROJ_RECORD names a file that every task run appends one line to (O_APPEND
+writes of one line are atomic), so a test can count how often each task ran.
 """
 
 from __future__ import annotations
@@ -17,7 +18,8 @@ app = Taskframe("rproj")
 app.conf.broker_transport_options = {
     "visibility_timeout": float(os.environ.get("RPROJ_VISIBILITY_TIMEOUT", "60")),
     "global_keyprefix": os.environ.get("RPROJ_PREFIX", ""),
-    "socket_timeout": 5.0,
+    "socket_timeout": float(os.environ.get("RPROJ_SOCKET_TIMEOUT", "5")),
+    "table_prefix": os.environ.get("RPROJ_TABLE_PREFIX", "taskframe_"),  # the SQL transport
 }
 app.conf.broker_connection_max_retries = None
 
