@@ -212,7 +212,7 @@ class RedisTransport(Transport):
         self._client = client
         self._scripts = lua.register(client)
         try:  # after drop(): what we held is still ours (see keeps_deliveries)
-            self._claims.resume(client, self._scripts["requeue"])
+            self._claims.resume(client, self._scripts, self._bindings.exchange_types)
         except TransportError as exc:
             self._client = None
             client.close()

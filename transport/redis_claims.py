@@ -58,6 +58,10 @@ class Claims:
         self.acks_due: list[str] = []
         #: Tags requeued while the link was down -> their list; ``resume`` requeues them.
         self.requeues_due: dict[str, str] = {}
+        #: Claim times (as sent) of claims whose reply was lost; ``resume`` gives back what
+        #: they took.
+        self.unsure_claims: list[str] = []
+        self._maybe_acked: set[str] = set()  # acks of those claims: not missed if gone
         self._layout = layout
         self._unacked = layout.key(layout.unacked)
         self._index = layout.key(layout.unacked_index)
@@ -73,17 +77,26 @@ class Claims:
         the messages taken: tag, envelope, 1-based index in ``keys``, for each.
         """
         acks = self.acks_due
-        with translate_errors("taking messages"):
-            reply = script(
-                keys=[self._unacked, self._index, *keys],
-                args=[limit, time.time(), f"taskframe-{uuid.uuid4()}-", len(acks), *acks,
-                      *queues],
-                client=client,
-            )
-            self.acks_due = []
-            lost = int(reply[0])
-            for tag in reply[1:1 + lost]:
-                self.warn_lost("ack", text(tag))
+        stamp = repr(time.time())  # the score of what it takes, exactly as sent
+        try:
+            with translate_errors("taking messages"):
+                reply = script(
+                    keys=[self._unacked, self._index, *keys],
+                    args=[limit, stamp, f"taskframe-{uuid.uuid4()}-", len(acks), *acks,
+                          *queues],
+                    client=client,
+                )
+        except ConnectionLost:
+            # The script may have run and its reply been lost (a server stopping, a link
+            # cut): what it took is in ``unacked`` scored ``stamp``, known to nobody, and
+            # its acks may be done. ``resume`` gives the one back and sends the others again.
+            self.unsure_claims.append(stamp)
+            self._maybe_acked.update(acks)
+            raise
+        self.acks_due = []
+        lost = int(reply[0])
+        for tag in reply[1:1 + lost]:
+            self.warn_lost("ack", text(tag))
         taken: list[Any] = reply[1 + lost:]
         return taken
 
@@ -121,8 +134,9 @@ class Claims:
             self.acks_due = acks + self.acks_due  # sent again on the next try
             raise
         for tag, count in zip(acks, removed, strict=True):
-            if not count:
+            if not count and tag not in self._maybe_acked:
                 self.warn_lost("ack", tag)
+        self._maybe_acked.difference_update(acks)
 
     def forget(self, client: redis.Redis | None, tag: str, action: str) -> None:
         """Remove held message ``tag`` from ``unacked`` (``action``: an ack or a reject).
@@ -180,15 +194,26 @@ class Claims:
             return int(script(keys=[self._unacked, self._index, key],
                               args=[tag, mark_redelivered(raw), "LPUSH"], client=client))
 
-    def resume(self, client: redis.Redis, script: Script) -> None:
-        """After connecting again: write the settles that waited for the link, renew
-        every claim now (a claim the server lost, restarted without its data or restored
-        by another consumer after the visibility timeout, is logged)."""
+    def resume(self, client: redis.Redis, scripts: Mapping[str, Script],
+               exchange_types: Mapping[str, str]) -> None:
+        """After connecting again: write the settles that waited for the link, give back
+        what claims with a lost reply took, renew every claim now (a claim the server
+        lost, restarted without its data or restored by another consumer after the
+        visibility timeout, is logged)."""
         self.send_acks(client)
         for tag, key in list(self.requeues_due.items()):
-            if not self._requeue(client, script, tag, key):
+            if not self._requeue(client, scripts["requeue"], tag, key):
                 self.warn_lost("requeue", tag)
             del self.requeues_due[tag]
+        while self.unsure_claims:
+            stamp = self.unsure_claims[0]
+            with translate_errors("giving back what a claim with a lost reply took"):
+                given = upkeep.give_back_unsure(client, self._layout, scripts, stamp,
+                                                self.held, exchange_types)
+            if given:
+                logger.info("%s: gave back %d message(s) taken by a claim whose reply was "
+                            "lost", self._owner, given)
+            self.unsure_claims.pop(0)
         self.refresh(client, time.time(), force=True)
 
     def refresh(self, client: redis.Redis, now: float, *, force: bool = False) -> None:
@@ -253,6 +278,7 @@ class Claims:
                 "could not be written; they come back after the visibility timeout (%.0f s)",
                 self._owner, waiting, self._visibility_timeout)
         self.held, self.requeues_due, self.acks_due = {}, {}, []
+        self.unsure_claims, self._maybe_acked = [], set()
 
     def warn_lost(self, action: str, tag: str) -> None:
         """Log that ``tag`` was no longer held when ``action`` came (it may run twice)."""

@@ -13,7 +13,7 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import Iterable, Mapping
+from collections.abc import Container, Iterable, Mapping
 from typing import Any
 
 import redis
@@ -23,7 +23,14 @@ from .errors import DecodeError
 from .redis_layout import KeyLayout, decode_envelope, mark_redelivered, text
 from .routing import topic_matches
 
-__all__ = ["promote_delayed", "refresh_claims", "restore_expired", "route", "stored_envelope"]
+__all__ = [
+    "give_back_unsure",
+    "promote_delayed",
+    "refresh_claims",
+    "restore_expired",
+    "route",
+    "stored_envelope",
+]
 
 logger = logging.getLogger("taskframe.transport.redis")
 
@@ -113,6 +120,38 @@ def _restore_batch(client: redis.Redis, layout: KeyLayout, scripts: Mapping[str,
             logger.warning("restored message %s to %d list(s): its holder did not keep it "
                            "for %.0f s", tag, len(keys), visibility_timeout)
     return restored
+
+
+def give_back_unsure(client: redis.Redis, layout: KeyLayout, scripts: Mapping[str, Script],
+                     stamp: str, exclude: Container[str],
+                     exchange_types: Mapping[str, str]) -> int:
+    """Give back what a claim whose reply was lost took; return how many went back.
+
+    That claim scored what it took ``stamp`` (its exact time, as sent): the entries of
+    the index still at that score, but for ``exclude`` (what the caller holds: a refresh
+    in the same microsecond scores alike), are its messages. Another consumer claiming
+    or refreshing in the same fraction of a microsecond is the one (vanishing) risk of
+    a message running twice. If the script never ran there are none.
+    """
+    found: list[bytes] = client.zrangebyscore(  # type: ignore[assignment]
+        layout.key(layout.unacked_index), stamp, stamp)
+    tags = [tag for tag in (text(t) for t in found) if tag not in exclude]
+    if not tags:
+        return 0
+    unacked = layout.key(layout.unacked)
+    given = 0
+    for tag, value in zip(tags, client.hmget(unacked, tags), strict=True):
+        if value is None:
+            continue
+        old = text(value)
+        raw, keys = _target(client, layout, old, exchange_types)
+        if not keys:
+            continue  # left for the restorer, which logs what it cannot restore
+        given += int(scripts["restore"](
+            keys=[unacked, layout.key(layout.unacked_index), *keys],
+            args=[tag, old, stamp, mark_redelivered(raw)], client=client,
+        ))
+    return given
 
 
 def _target(client: redis.Redis, layout: KeyLayout, value: str,

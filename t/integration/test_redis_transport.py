@@ -13,6 +13,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -531,6 +532,44 @@ def test_held_messages_survive_a_restart_on_the_same_transport(tmp_path: Path) -
         admin.close()
     finally:
         transport.close()
+        server.stop()
+
+
+def test_a_claim_whose_reply_was_lost_is_given_back_on_reconnect(tmp_path: Path) -> None:
+    """The claim script ran but its reply never came (here: the server sleeps past the
+    socket timeout, then runs the script the dead link had sent). What it took is in
+    ``unacked`` under a tag nobody knows; the reconnect gives it back at once (before: it
+    stayed there for the visibility timeout, an hour here)."""
+    server = RedisServer(tmp_path, extra_args=("--enable-debug-command", "yes"))
+    server.start()
+    options = {"visibility_timeout": 3600, "socket_timeout": 1.0, "wake_ups": False}
+    transport = RedisTransport(server.url, options)
+    admin = redis.Redis.from_url(server.url)
+    try:
+        transport.connect()
+        q = qname()
+        transport.consume([Queue(q)])
+        assert transport.poll(0) == []  # loads the scripts, and the claim is next to run
+        for n in range(3):
+            transport.publish(envelope(n), exchange="", routing_key=q)
+        sleeper = threading.Thread(target=admin.execute_command, args=("DEBUG", "SLEEP", 2))
+        sleeper.start()
+        time.sleep(0.1)
+        with pytest.raises(ConnectionLost):
+            transport.poll(0.1)
+        sleeper.join()
+        until(lambda: admin.hlen("unacked") == 3, "the script the dead link sent to run")
+        assert admin.llen(q) == 0
+        transport.drop()
+        transport.connect()
+        assert (admin.hlen("unacked"), admin.llen(q)) == (0, 3)
+        got = receive(transport, 3)
+        assert sorted(m.body for m in got) == [b"[0]", b"[1]", b"[2]"]
+        for message in got:
+            message.ack()
+    finally:
+        transport.close()
+        admin.close()
         server.stop()
 
 
