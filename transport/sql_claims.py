@@ -184,13 +184,31 @@ class Claims:
             )
 
     def resume(self) -> None:
-        """After connecting again: write the settles that waited, renew every claim now."""
+        """After connecting again: write the settles that waited, release the rows a claim
+        whose reply was lost took (they carry our token, unknown to us: the refresh would
+        keep them claimed for as long as we live), renew every claim now."""
         for tag, delete in list(self.settles_due.items()):
             action = "ack" if delete else "requeue"
             if not self._write(tag, delete=delete, action=action):
                 self._warn_lost(action, tag)
             del self.settles_due[tag]
+        released = self._db.run("releasing rows of a claim with a lost reply",
+                                self._release_unknown)
+        if released:
+            logger.info("%s: released %d message(s) taken by a claim whose reply was lost",
+                        self._owner, released)
         self.refresh(force=True)
+
+    def _release_unknown(self, conn: sa.Connection) -> int:
+        messages = self._messages
+        ours = messages.c.claim == self.token
+        if self.held:
+            ours = sa.and_(ours, messages.c.id.not_in(list(self.held)))
+        count = int(conn.execute(
+            sa.update(messages).where(ours).values(claim=None, claimed_until=None)).rowcount)
+        if count:
+            self._db.notify(conn)
+        return count
 
     def refresh(self, *, force: bool = False) -> None:
         """Push back the deadline of every held row.

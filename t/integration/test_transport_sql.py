@@ -126,6 +126,41 @@ def test_sqlite_is_shared_by_transports_and_survives_reopening(tmp_path: Path) -
     engine.dispose()
 
 
+def test_claims_survive_a_reconnect_and_a_lost_claim_reply_is_released(tmp_path: Path) -> None:
+    """After ``drop()`` and ``connect()`` the rows held before are still held (the token is
+    the transport's), and a row carrying our token that we never heard of (a claim whose
+    reply was lost) is released at once instead of being kept claimed by every refresh."""
+    url = f"sqlite:///{tmp_path / 'broker.sqlite3'}"
+    transport = SQLTransport(url, {"visibility_timeout": 3600, "polling_interval": 0.01})
+    other = SQLTransport(url, {"polling_interval": 0.01})
+    try:
+        transport.connect()
+        transport.consume([Queue("q")])
+        for n in range(2):
+            transport.publish(Envelope(f"{n}".encode()), exchange="", routing_key="q")
+        held = transport.poll(timeout=5)
+        assert [m.body for m in held] == [b"0", b"1"]
+        transport.publish(Envelope(b"lost reply"), exchange="", routing_key="q")
+        engine = sa.create_engine(sqlalchemy_url(url))
+        with engine.begin() as conn:  # what a claim whose reply never came leaves behind
+            conn.execute(sa.text("UPDATE taskframe_messages SET claim = :t, claimed_until = :u "
+                                 "WHERE claim IS NULL"), {"t": transport.token, "u": 4e9})
+        engine.dispose()
+        transport.drop()
+        transport.connect()
+        other.connect()
+        other.consume([Queue("q")])
+        got = other.poll(timeout=5)
+        assert [m.body for m in got] == [b"lost reply"]
+        assert other.poll(timeout=0.2) == []  # the two held ones are still held
+        for message in [*held, *got]:
+            message.ack()
+        assert transport.queue_size("q") == 0
+    finally:
+        other.close()
+        transport.close()
+
+
 @pytest.mark.postgres
 def test_consumer_recovers_after_connection_lost_without_reconnecting(
     pg: tuple[str, str, str],
