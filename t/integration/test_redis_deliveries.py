@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import collections
 import sys
+import threading
 import time
 from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -157,3 +159,44 @@ def test_a_restart_gives_back_held_messages_and_writes_late_acks(scene: Scene) -
     assert scene.stop() == [0], scene.workers.log_text()[-5000:]
 
 
+
+
+@pytest.mark.slow
+def test_a_slow_result_store_does_not_stall_the_consumer_loop(tmp_path: Path) -> None:
+    """An expired message is stored REVOKED before it is acked; the store (its own Redis
+    here) is asleep for 4 s when it comes. The loop hands the write to its store thread
+    and goes on: the 20 tasks behind it (results ignored) run while the store still
+    sleeps (before, the loop waited in the write: no poll, no heartbeat, no claim
+    refresh), and the expired task ends REVOKED and acked once the store wakes."""
+    (tmp_path / "store").mkdir()
+    store = RedisServer(tmp_path / "store", extra_args=("--enable-debug-command", "yes"))
+    store.start()
+    scene = Scene(tmp_path)
+    scene.workers.env["TASKFRAME_RESULT_BACKEND"] = store.url
+    admin = redis.Redis.from_url(store.url, socket_timeout=30)
+    try:
+        scene.workers.start("-P", "threads", "-c", "2")
+        module = scene.module
+        module.app.conf.result_backend = store.url
+        module.record.delay(10_000)
+        wait_until(lambda: scene.runs().get(10_000) == 1, 60, "the worker to be ready")
+        sleeper = threading.Thread(target=admin.execute_command, args=("DEBUG", "SLEEP", 4))
+        sleeper.start()
+        past = datetime.now(UTC) - timedelta(seconds=1)
+        expired = module.plain.apply_async((999,), expires=past)
+        for n in range(20):
+            module.record.delay(n)
+        wait_until(lambda: all(scene.runs().get(n) == 1 for n in range(20)) or
+                   not sleeper.is_alive(), 30, "the 20 tasks or the store's wake-up")
+        ran_while_asleep = sleeper.is_alive()
+        sleeper.join()
+        assert ran_while_asleep, scene.workers.log_text()[-3000:]
+        assert expired.get(timeout=30, propagate=False) is not None
+        assert expired.state == "REVOKED"
+        assert 999 not in scene.runs()
+        wait_until(lambda: scene.held_in_redis() == 0, 30, "the expired message's ack")
+        assert scene.stop() == [0], scene.workers.log_text()[-5000:]
+    finally:
+        admin.close()
+        scene.close()
+        store.stop()

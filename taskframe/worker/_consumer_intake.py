@@ -2,7 +2,8 @@
 
 A message is decoded; one that cannot be (content type refused, bad body,
 invalid task message) or names an unknown task is rejected with one log line.
-An expired or revoked request is skipped (REVOKED stored, acked). An ETA far in
+An expired or revoked request is skipped (REVOKED stored, then acked; the store
+write runs off the loop's thread, ``_store_writes``). An ETA far in
 the future goes back to the broker, a near one waits on a timer; the rest is
 reserved and started at once if the pool has room. The expired/revoked checks
 run again just before a reserved request starts.
@@ -25,6 +26,7 @@ from taskframe.errors import (
     TransportError,
 )
 from taskframe.protocol import decode_message
+from taskframe.transport.base import MessageState
 from taskframe.worker._consumer_settle import ACK
 from taskframe.worker._consumer_timers import LOCAL_ETA_WINDOW
 from taskframe.worker.request import Request
@@ -35,7 +37,8 @@ if TYPE_CHECKING:
 
     from taskframe.client.app import Taskframe
     from taskframe.control.revoked import RevokedSet
-    from taskframe.transport import Message
+    from taskframe.transport import Connection, Message
+    from taskframe.worker._store_writes import StoreWrites
 
 __all__ = ["Intake"]
 
@@ -54,6 +57,8 @@ class Intake:
     timers: list[tuple[float, int, Request]]
     max_message_size: int | None
     reserved: collections.deque[Request]
+    store_writes: StoreWrites
+    connection: Connection
     _seq: itertools.count[int]
 
     if TYPE_CHECKING:  # the steps of the consumer's other parts that intake leads to
@@ -103,6 +108,9 @@ class Intake:
         self._settle_message(message, requeue=False)
 
     def _settle_message(self, message: Message, *, requeue: bool) -> None:
+        if message.transport is not self.connection.transport:
+            message.state = MessageState.LOST  # its link dropped: the broker gives it back
+            return
         try:
             message.reject(requeue=requeue)
         except TransportError as exc:
@@ -116,12 +124,17 @@ class Intake:
         )
         exc = NotRegistered(name)
         signals.task_unknown.send(sender=self, name=name, id=task_id, message=message, exc=exc)
-        if self.app.result_backend_url is not None:
+        if self.app.result_backend_url is None:
+            return self._settle_message(message, requeue=False)
+
+        def write() -> None:  # on the store thread (``_store_writes``)
             try:
                 self.app.backend.mark_as_failure(task_id, exc)
             except Exception:
                 logger.exception("could not store NotRegistered for %s", task_id)
-        self._settle_message(message, requeue=False)
+
+        self.store_writes.submit(write, lambda: self._settle_message(message, requeue=False))
+        return None
 
     # -- expired and revoked: checked at receive and again before a run ---------------
 
@@ -144,8 +157,14 @@ class Intake:
         """Store REVOKED with ``reason`` and count a chord part, signal, ack: not run.
 
         A result store that is down does not keep the message: it is settled all the same.
+        The write runs on the store thread and the ack follows it (``_store_writes``).
         """
-        if self.app.result_backend_url is not None:
+        signals.task_revoked.send(sender=request.task, request=request.context,
+                                  terminated=False, signum=None, expired=reason == "expired")
+        if self.app.result_backend_url is None:
+            return self._settle(request, ACK)
+
+        def write() -> None:  # on the store thread
             try:
                 if not request.context.ignore_result:
                     self.app.backend.mark_as_revoked(request.id, reason)
@@ -153,6 +172,6 @@ class Intake:
             except Exception as exc:
                 logger.warning("could not store REVOKED (%s) for %s: %r", reason, request.id,
                                exc)
-        signals.task_revoked.send(sender=request.task, request=request.context,
-                                  terminated=False, signum=None, expired=reason == "expired")
-        self._settle(request, ACK)
+
+        self.store_writes.submit(write, lambda: self._settle(request, ACK))
+        return None

@@ -42,6 +42,7 @@ from taskframe.worker._consumer_intake import Intake
 from taskframe.worker._consumer_reconnect import Reconnection
 from taskframe.worker._consumer_settle import REQUEUE, Settling
 from taskframe.worker._consumer_timers import Timers
+from taskframe.worker._store_writes import StoreWrites
 from taskframe.worker.ratelimit import RateLimits
 
 if TYPE_CHECKING:
@@ -100,6 +101,8 @@ class Consumer(Intake, Timers, Settling, Reconnection):
         self._totals_lock = threading.Lock()  # pool threads count; += on a Counter races
         #: work other threads (remote control) hand to the loop's thread.
         self.calls: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
+        #: result-store writes of skipped messages, off the loop's thread.
+        self.store_writes = StoreWrites(self.call_soon)
         self._acks: list[Request] = []  # reported by the pool, not sent yet
 
     # -- stopping ---------------------------------------------------------------------
@@ -313,12 +316,14 @@ class Consumer(Intake, Timers, Settling, Reconnection):
         return len(pending)
 
     def wait_for_running(self, deadline: float | None, cold: threading.Event) -> bool:
-        """Keep settling until every running job is done; False if cut short."""
-        while self.running > 0:
+        """Keep settling until every running job (and store write) is done; False if cut
+        short."""
+        while self.running > 0 or self.store_writes.pending:
             if cold.is_set() or (deadline is not None and time.monotonic() >= deadline):
                 self._flush_acks()  # the tasks that started were acked early
                 return False
             self._wait_for_completion(0.1)
+            self._run_calls()  # the settles that follow store writes
             try:
                 self._maintain()
             except TransportError as exc:

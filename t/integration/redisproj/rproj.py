@@ -46,3 +46,10 @@ def slow_record(n: int, seconds: float) -> int:
     time.sleep(seconds)
     _record(f"end {n} {os.getpid()}")
     return n
+
+
+@app.task
+def plain(n: int) -> int:
+    """Record ``n``; its result goes to the result backend when one is set."""
+    _record(f"{n} {os.getpid()}")
+    return n
