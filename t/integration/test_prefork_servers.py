@@ -5,6 +5,9 @@
   project's worker holds a lock from ``worker_ready`` on (``PFPROJ_HOLD_LOCK``); the
   ``lineage`` task reports, from a child, whether it can take it and how many threads the
   process that forked its server ran.
+- A SIGTERM to the worker's whole process group (``kill -- -PGID``, GNU ``timeout``,
+  supervisord's ``stopasgroup``) is a warm shutdown of the worker: it reaches the worker, not
+  its children, so running tasks finish and no child is reported lost.
 """
 
 from __future__ import annotations
@@ -19,6 +22,8 @@ from types import ModuleType
 import pytest
 import services
 from workers import ProjectImport, WorkerProcs, wait_until
+
+from taskframe.errors import WorkerLostError
 
 PROJ_DIR = Path(__file__).parent / "preforkproj"
 
@@ -111,6 +116,67 @@ def test_a_killed_fork_server_is_replaced_from_a_single_thread(rabbit_fleet: Fle
     assert f"fork server (pid {first['server']}) died" in text, text
     assert "forked while" not in text, text  # no fork server came from a busy process
     assert "Traceback" not in text, text
+
+
+def test_a_sigterm_to_the_worker_group_is_a_warm_shutdown(tmp_path: Path) -> None:
+    fleet = Fleet(tmp_path)
+    try:
+        proc = fleet.workers.start("-P", "prefork", "-c", "2", new_session=True)
+        fleet.ready()
+        assert [fleet.mod.add.delay(n, 1).get(timeout=30) for n in range(6)] == list(range(1, 7))
+        # A child that really dies holding a job is still reported (here: SIGTERM to it).
+        lost = fleet.mod.blocker.delay(1, 60)
+        wait_until(lambda: fleet.mod.starts(1), 30, "the first blocker to start")
+        os.kill(fleet.mod.starts(1)[0], signal.SIGTERM)
+        exc = lost.get(timeout=30, propagate=False)
+        assert isinstance(exc, WorkerLostError), exc
+        assert "signal 15 (SIGTERM)" in str(exc)
+
+        running = fleet.mod.blocker.delay(2, 3)
+        wait_until(lambda: fleet.mod.starts(2), 30, "the second blocker to start")
+        os.killpg(proc.pid, signal.SIGTERM)  # the group: worker, fork server, children
+        assert running.get(timeout=30) == 2, fleet.workers.log_text()  # it finished
+        assert proc.wait(timeout=30) == 0, fleet.workers.log_text()
+    finally:
+        fleet.close()
+    text = fleet.workers.log_text()
+    after = text.split("SIGTERM received", 1)[1]
+    for line in ("WorkerLostError", "exited prematurely", "exited with", "ERROR"):
+        assert line not in after, text
+
+
+def test_a_warm_shutdown_after_the_tasks_reports_no_child_lost(tmp_path: Path) -> None:
+    fleet = Fleet(tmp_path)
+    try:
+        proc = fleet.workers.start("-P", "prefork", "-c", "2")
+        fleet.ready()
+        assert [fleet.mod.add.delay(n, 1).get(timeout=30) for n in range(6)] == list(range(1, 7))
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0, fleet.workers.log_text()
+    finally:
+        fleet.close()
+    text = fleet.workers.log_text()
+    for line in ("WorkerLostError", "exited prematurely", "exited with", "ERROR"):
+        assert line not in text, text
+    assert not children_of(proc.pid)
+
+
+def test_no_child_is_left_when_the_worker_is_killed(tmp_path: Path) -> None:
+    """The fork servers and idle children leave with a worker killed outright, though a
+    signal to its process group no longer reaches them."""
+    fleet = Fleet(tmp_path)
+    try:
+        proc = fleet.workers.start("-P", "prefork", "-c", "2")
+        fleet.ready()
+        pids = {fleet.mod.pid.delay().get(timeout=30) for _ in range(4)}
+        pids.update(children_of(proc.pid))  # the fork server
+        proc.kill()
+        proc.wait(timeout=30)
+        wait_until(lambda: not any(Path(f"/proc/{p}").exists() for p in pids), 30,
+                   "the children to exit")
+    finally:
+        fleet.close()
+
 
 
 def test_a_server_killed_with_its_spare_leaves_the_children_it_has(rabbit_fleet: Fleet) -> None:

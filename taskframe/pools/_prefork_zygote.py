@@ -25,8 +25,15 @@ process sharing its memory copy-on-write. If a server and its spare die together
 process is left to fork from safely: the pool says so (critical) and forks no more
 children; restart the worker.
 
-When the worker dies, its servers see their sockets close and exit, and each child
-exits once its pipe closes (after the task it is running, if any).
+Process group: the first server leads a process group of its own, which its spare and
+every child join. A signal to the worker's group (``kill -TERM -- -PGID``, GNU
+``timeout``, supervisord's ``stopasgroup``, Ctrl-C) then reaches the worker alone, whose
+warm shutdown lets running tasks finish and then stops the children itself; before, a
+SIGTERM to the group killed every child at once (its task failed with
+``WorkerLostError``, an idle one was logged as lost). systemd's default
+``KillMode=control-group`` signals every process of the unit: use ``KillMode=mixed`` (as
+``extra/systemd`` does). When the worker dies, its servers see their sockets close and
+exit, and each child exits once its pipe closes (after the task it is running, if any).
 
 Protocol on one ``SOCK_SEQPACKET`` socket pair per server, one pickle per packet:
 
@@ -149,7 +156,7 @@ class Zygote:
         pid = _fork_server("fork server")
         if pid == 0:  # pragma: no cover - the server process
             mine.close()
-            _serve(theirs, app, options)
+            _serve(theirs, app, options, lead=True)
         theirs.close()
         server = cls(mine, pid, options, reap=True)
         with contextlib.suppress(OSError):  # dead already: its first read() says so
@@ -254,13 +261,19 @@ def _recv_fds(sock: socket.socket) -> tuple[bytes, list[int]]:
     return data, list(fds)
 
 
-def _serve(sock: socket.socket, app: Taskframe, options: ChildOptions) -> NoReturn:
-    """A fork server's loop (never returns)."""
+def _serve(sock: socket.socket, app: Taskframe, options: ChildOptions, *,
+           lead: bool = False) -> NoReturn:
+    """A fork server's loop (never returns); ``lead``: make a process group of its own."""
     multiprocessing.current_process().name = "ForkServer"
-    # The server has nothing to finish: it ends when the worker says so or is gone. A
-    # SIGTERM to the whole group (systemd, Ctrl-C) is for the worker to handle.
+    if lead:  # signals to the worker's group are the worker's (see the module docstring)
+        with contextlib.suppress(OSError):
+            os.setpgid(0, 0)
+    # The server has nothing to finish: it ends when the worker says so or is gone.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    # Not the terminal's foreground group: writing there must stop neither the server nor
+    # its children, which inherit this (``stty tostop``).
+    signal.signal(signal.SIGTTOU, signal.SIG_IGN)
     wake_r, wake_w = os.pipe()
     os.set_blocking(wake_w, False)
     signal.set_wakeup_fd(wake_w)
