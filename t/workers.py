@@ -92,13 +92,15 @@ class WorkerProcs:
         self.procs: list[subprocess.Popen[bytes]] = []
         self.logs: list[Path] = []
 
-    def start(self, *args: str) -> subprocess.Popen[bytes]:
-        """Start one more worker with extra CLI ``args``."""
+    def start(self, *args: str, new_session: bool = False) -> subprocess.Popen[bytes]:
+        """Start one more worker with extra CLI ``args``; with ``new_session`` it leads a
+        process group of its own (``os.killpg(proc.pid, ...)`` signals that group)."""
         n = len(self.procs)
         log = self.log_dir / f"worker{n}.log"
         proc = subprocess.Popen(
             [*self.command, "-l", "INFO", "-n", f"w{n}@%h", *args],
             env=self.env, cwd=self.proj_dir, stdout=log.open("wb"), stderr=subprocess.STDOUT,
+            start_new_session=new_session,
         )
         self.procs.append(proc)
         self.logs.append(log)

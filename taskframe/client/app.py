@@ -14,6 +14,7 @@ With no broker configured it uses the embedded SQLite file
 
 from __future__ import annotations
 
+import functools
 import importlib
 import logging
 import os
@@ -280,14 +281,28 @@ class Taskframe:
             create_tables_at_setup=bool(c.database_create_tables_at_setup),
             short_lived_sessions=bool(c.database_short_lived_sessions),
             transport_options=dict(c.result_backend_transport_options or {}),
-            connection=self.connection, reply_to=self.origin,
+            # rpc://: publishers (the worker's results) and a reply consumer read only
+            # while a client waits: nobody services a heartbeat while they are idle.
+            connection=functools.partial(self.connection, heartbeat=0), reply_to=self.origin,
             persistent=bool(c.result_persistent),
         )
 
-    def connection(self, url: str | None = None) -> Connection:
-        """A new broker connection (not yet connected)."""
+    def connection(self, url: str | None = None, *, heartbeat: float | None = None) -> Connection:
+        """A new broker connection (not yet connected).
+
+        Args:
+            url: the broker URL (``broker_url`` by default).
+            heartbeat: the AMQP heartbeat to ask for, over ``broker_heartbeat`` and the
+                transport options (a ``?heartbeat=`` in the URL still wins, as in kombu).
+                ``None`` for a connection whose owner services heartbeats (a loop that
+                calls ``maintain()``: the worker's consumer, remote control); ``0`` for
+                one nobody services while idle (publishing): RabbitMQ would close it
+                after two missed beats and the next publish would reconnect.
+        """
         options = dict(self.conf.broker_transport_options or {})
-        if self.conf.broker_heartbeat is not None:
+        if heartbeat is not None:
+            options["heartbeat"] = float(heartbeat)
+        elif self.conf.broker_heartbeat is not None:
             options.setdefault("heartbeat", float(self.conf.broker_heartbeat))
         if self.conf.broker_use_ssl:
             options.setdefault("ssl", self.conf.broker_use_ssl)
@@ -301,7 +316,9 @@ class Taskframe:
         """This thread's publishing connection (created and connected on first use)."""
         conn: Connection | None = getattr(self._local, "connection", None)
         if conn is None:
-            conn = self.connection(self.conf.broker_write_url or None)
+            # Publishing only: no heartbeat, since nothing sends them while the client
+            # is idle (Celery's connection_for_write negotiates none either).
+            conn = self.connection(self.conf.broker_write_url or None, heartbeat=0)
             # A client gives up as a publish would: task_publish_retry_policy, not the
             # worker's broker_connection_max_retries (which may be 100 long backoffs).
             policy = {**self.conf.task_publish_retry_policy}

@@ -128,7 +128,8 @@ class EventDispatcher:
     def for_app(cls, app: Taskframe, hostname: str, **options: Any) -> EventDispatcher:
         """A dispatcher on a new connection to ``app``'s broker, with its event settings."""
         conf = app.conf
-        connection = app.connection(conf.broker_write_url or None)
+        # Publishing only, from a thread that sleeps between events: no heartbeat.
+        connection = app.connection(conf.broker_write_url or None, heartbeat=0)
         options.setdefault("exchange", event_exchange(connection.url,
                                                       conf.event_exchange or EVENT_EXCHANGE))
         options.setdefault("serializer", conf.event_serializer or "json")

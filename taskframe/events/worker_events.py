@@ -10,8 +10,9 @@ monitors see the node. Task events (``task-received``, ``-started``,
 
 The task events come from signal receivers, so they work in any pool: a
 receiver only reports tasks run under this worker's node name (signals are
-process-wide), never eager calls. The worker calls ``start()`` once its
-consumer exists and ``stop()`` before it closes its broker connection.
+process-wide), never eager calls. The worker calls ``prepare()`` before its pool
+starts (forked children inherit the receivers), ``start()`` after it (threads), and
+``stop()`` before it closes its broker connection.
 """
 
 from __future__ import annotations
@@ -103,6 +104,7 @@ class WorkerEvents:
         self._stop = threading.Event()
         self._heart: threading.Thread | None = None
         self._connected: list[tuple[signals.Signal, Callable[..., None]]] = []
+        self._prepared = False
 
     @property
     def task_events(self) -> bool:
@@ -111,8 +113,16 @@ class WorkerEvents:
 
     # -- lifecycle ----------------------------------------------------------------------
 
-    def start(self) -> None:
-        """Connect the signal receivers, send ``worker-online``, start the heartbeat."""
+    def prepare(self) -> None:
+        """Make the dispatcher and connect the signal receivers; start no thread.
+
+        A prefork pool's children are copies of this process made right after this (they
+        inherit the receivers, so they send their task events), and its fork server must
+        be forked while the process runs one thread: ``start()`` comes after the pool.
+        """
+        if self._prepared:
+            return
+        self._prepared = True
         if self.dispatcher is None:
             url = self.app.conf.broker_write_url or self.app.broker_url
             if not events_supported(url):
@@ -122,6 +132,12 @@ class WorkerEvents:
             self.dispatcher = EventDispatcher.for_app(self.app, self.hostname, clock=self.clock)
         self._connect_signals()
         _nodes[self.hostname] = self
+
+    def start(self) -> None:
+        """``prepare()`` if not done, send ``worker-online``, start the heartbeat thread."""
+        self.prepare()
+        if self.dispatcher is None:
+            return
         self._send_worker("worker-online")
         if self.heartbeat_interval > 0:
             self._heart = threading.Thread(target=self._beat, daemon=True,

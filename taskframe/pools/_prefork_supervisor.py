@@ -10,7 +10,7 @@ pipe (``PreforkPool._wake``), so the consumer thread never blocks on a child. It
   parent then stores ``TimeLimitExceeded``);
 - replaces children: a child that exits (recycled, retired, lost) is reported
   with its job, if any, and the fork server is asked for children until
-  ``concurrency`` take jobs; a fork server that dies is started again.
+  ``concurrency`` take jobs; a fork server that dies is replaced by its spare.
 
 ``Supervisor`` is a mixin base of ``PreforkPool`` (the pool's state lives there);
 ``Child`` is the parent's view of one child process.
@@ -147,10 +147,10 @@ class Supervisor:
             children = list(self._children)
             timeout = self._next_deadline()
             zygote = self._zygote
-        assert zygote is not None
         by_conn = {c.conn: c for c in children if not (c.eof or c.conn.closed)}
+        server = [] if zygote is None else [zygote.sock]  # None: no fork server left
         try:
-            ready = wait([self._wake_r, zygote.sock, *by_conn], timeout)
+            ready = wait([self._wake_r, *server, *by_conn], timeout)
         except OSError:
             return True  # a child's fd was closed under us: look again
         if self._wake_r in ready:
@@ -158,7 +158,7 @@ class Supervisor:
         for obj in ready:
             if isinstance(obj, Connection) and obj in by_conn:
                 self._drain(by_conn[obj], ready=True)
-        if zygote.sock in ready:
+        if zygote is not None and zygote.sock in ready:
             self._on_server_events(zygote.read())
         self._check_limits()
         self._dispatch_backlog()
@@ -188,14 +188,21 @@ class Supervisor:
         self._dispatch_backlog()
 
     def _on_server_gone(self) -> None:
-        """The fork server died (killed by hand?): start another, from here."""
+        """The fork server died (killed by hand?): its spare takes over. Never a new one
+        forked from here: this process runs threads (see ``_prefork_zygote``)."""
         with self._lock:
             old, self._pending = self._zygote, 0
             if self._stopping or old is None:
                 return
-            logger.critical("the prefork fork server (pid %d) died: starting a new one", old.pid)
+            self._zygote = old.successor()
             old.close(timeout=0.1)
-            self._zygote = Zygote(self._app, old.options)
+            if self._zygote is None:
+                logger.critical("the prefork fork server (pid %d) died and so did its spare: "
+                                "no process is left to fork children from safely, this pool "
+                                "forks no more (restart the worker)", old.pid)
+            else:
+                logger.error("the prefork fork server (pid %d) died: its spare (pid %d) "
+                             "takes over", old.pid, self._zygote.pid)
             orphans = [c for c in self._children if c.eof]
             self._maintain()
         for child in orphans:  # their exits were the old server's to report

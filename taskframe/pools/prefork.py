@@ -27,7 +27,9 @@ Pool shares one inbound queue among all children and hides that mapping behind
 its own supervisor, result handler and timeout threads, and it forks
 replacements from a thread of the running worker, which deadlocks children when
 another thread was inside SQLite (the embedded broker) at that instant. Here
-children come from a fork server started with the pool (``_prefork_zygote``);
+children come from fork servers forked while their parent ran one thread (the
+first from the worker at pool start, any replacement from the one before it:
+``_prefork_zygote``);
 each has its own pipe pair (``multiprocessing.connection.Connection``), and one
 parent thread, the supervisor (``_prefork_supervisor``: child lifecycle, time
 limits), waits on all of them, so the consumer thread never blocks on a child.
@@ -100,11 +102,11 @@ class PreforkPool(Supervisor, Pool):
 
     def start(self) -> None:
         """Start the fork server, wait for the first children, start the supervisor."""
-        self._zygote = Zygote(self._app, ChildOptions(0, self.max_tasks_per_child,
-                                                      self.max_memory_per_child))
+        self._zygote = Zygote.start(self._app, ChildOptions(0, self.max_tasks_per_child,
+                                                            self.max_memory_per_child))
         with self._lock:
             self._maintain()
-        while self._pending:
+        while self._pending and self._zygote is not None:
             self._on_server_events(self._zygote.read_blocking())
         for child in list(self._children):  # their start hooks ran (or failed)
             self._drain(child, block=True)

@@ -2,8 +2,8 @@
 
 ``start()``:
   logging -> import task modules -> ``worker_init`` -> connect to the broker
-  (retrying as configured) -> events (``worker-online``) -> pool -> consumer ->
-  health check -> signal handlers ->
+  (retrying as configured) -> event receivers -> pool -> events (``worker-online``,
+  threads) -> consumer -> health check -> signal handlers ->
   ``worker_ready`` -> the receive loop.
 
 ``stop`` (first SIGTERM/SIGINT, warm): stop taking messages, give back the
@@ -143,11 +143,14 @@ class Worker:
             logger.critical("Cannot connect to the broker %s: %s. Giving up.",
                             connection.safe_url(), exc)
             return EX_UNAVAILABLE
-        # Before the pool: forked pool children inherit the task-event signal hooks.
+        # The receivers before the pool (forked pool children inherit them), the event
+        # threads after it: a prefork pool forks its fork server while this process runs
+        # one thread (a lock another thread held then would stay held in every child).
         self.events = WorkerEvents(self.app, self.hostname, self._event_numbers)
-        self.events.start()
+        self.events.prepare()
         pool = get_pool_class(self.pool_name)(self.concurrency, app=self.app)
         pool.start()
+        self.events.start()
         try:
             pool.run_hooks(self.app.worker_start_hooks)
         except Exception as exc:

@@ -2,20 +2,29 @@
 
 TASKFRAME_BROKER_URL / TASKFRAME_RESULT_BACKEND pick the servers; PFPROJ_RECORD names a file
 that children and tasks append one line to (``init <pid>``, ``down <pid>``, ``start <n> <pid>``).
+PFPROJ_QUEUE names the task queue (``celery``); with PFPROJ_HOLD_LOCK=1 the worker's main
+thread takes ``HELD`` once the worker is ready, and keeps it.
 """
 
 from __future__ import annotations
 
 import asyncio
 import os
+import threading
 import time
 from typing import Any
 
 from taskframe import Taskframe
 from taskframe.errors import SoftTimeLimitExceeded
-from taskframe.signals import worker_process_init, worker_process_shutdown
+from taskframe.pools import _prefork_zygote
+from taskframe.signals import worker_process_init, worker_process_shutdown, worker_ready
 
 app = Taskframe("pfproj")
+app.conf.task_default_queue = os.environ.get("PFPROJ_QUEUE", "celery")
+
+#: Held by the running worker (PFPROJ_HOLD_LOCK=1): a process forked from the worker from then
+#: on inherits it held by a thread it does not have, and can never take it.
+HELD = threading.Lock()
 
 
 def _record(line: str) -> None:
@@ -44,6 +53,23 @@ def _child_started(**_: Any) -> None:
 @worker_process_shutdown.connect
 def _child_ending(pid: int, **_: Any) -> None:
     _record(f"down {pid}")
+
+
+@worker_ready.connect
+def _hold_the_lock(**_: Any) -> None:
+    if os.environ.get("PFPROJ_HOLD_LOCK") == "1":
+        HELD.acquire()
+
+
+@app.task
+def lineage() -> dict[str, Any]:
+    """Where this child comes from: its pid, its fork server's (its parent's), how many threads
+    the process that forked that server ran at that instant, and whether ``HELD`` is free."""
+    free = HELD.acquire(timeout=2.0)
+    if free:
+        HELD.release()
+    return {"pid": os.getpid(), "server": os.getppid(),
+            "threads": _prefork_zygote.forked_from_threads, "lock_free": free}
 
 
 @app.task
