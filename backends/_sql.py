@@ -1,4 +1,5 @@
-"""SQL plumbing for ``DatabaseBackend``: URLs, engines, Celery's tables, the counter statement.
+"""SQL plumbing for ``DatabaseBackend``: URLs, engines, the tables, the counter and revoke
+statements.
 
 Kept apart from ``database.py`` so the backend reads as its operations only.
 Table and column layout are Celery 5.7's (../shared/spec/celery-wire.md §6.4,
@@ -28,6 +29,7 @@ __all__ = [
     "create_engine",
     "is_memory_sqlite",
     "make_tables",
+    "revokes_upsert",
     "sqlalchemy_url",
 ]
 
@@ -126,19 +128,20 @@ def _configure_sqlite(engine: Engine, *, memory: bool) -> None:
 
 @dataclass(frozen=True)
 class Tables:
-    """The three tables of one backend."""
+    """The tables of one backend."""
 
     metadata: sa.MetaData
     task: sa.Table
     group: sa.Table
     counter: sa.Table
+    revoked: sa.Table
 
 
 def make_tables(names: Mapping[str, str]) -> Tables:
-    """Celery's ``celery_taskmeta``/``celery_tasksetmeta`` plus our counter table.
+    """Celery's ``celery_taskmeta``/``celery_tasksetmeta`` plus our counter and revoked tables.
 
     ``names`` is ``database_table_names``: keys ``task``, ``group`` and (ours)
-    ``counter``. The sequence names are Celery's whatever the table names, as
+    ``counter`` and ``revoked``. The sequence names are Celery's whatever the table names, as
     Celery's models use them.
     """
     metadata = sa.MetaData()
@@ -177,7 +180,12 @@ def make_tables(names: Mapping[str, str]) -> Tables:
         sa.Column("key", sa.String(255), primary_key=True),
         sa.Column("value", sa.BigInteger, nullable=False),
     )
-    return Tables(metadata, task, group, counter)
+    revoked = sa.Table(
+        names.get("revoked", "taskframe_revoked"), metadata,
+        sa.Column("task_id", sa.String(255), primary_key=True),
+        sa.Column("expires_at", sa.Double, nullable=False),  # unix seconds
+    )
+    return Tables(metadata, task, group, counter, revoked)
 
 
 def add_missing_columns(conn: Connection, table: sa.Table) -> list[str]:
@@ -235,3 +243,39 @@ def counter_incr(conn: Connection, table: sa.Table, key: str) -> int:
         conn.execute(sa.insert(table).values({key_col: key, value_col: 1}))
     return int(conn.execute(sa.select(value_col).where(key_col == key)).scalar_one())
 
+
+
+def revokes_upsert(conn: Connection, table: sa.Table, entries: Mapping[str, float]) -> None:
+    """Insert revoked ids, or raise the expiry of ids already there, in ONE statement.
+
+    Each row is written atomically by the database, so concurrent revokers never lose
+    one another's ids. SQLite and PostgreSQL: ``INSERT ... ON CONFLICT DO UPDATE``;
+    MySQL/MariaDB: ``INSERT ... ON DUPLICATE KEY UPDATE``; the later expiry wins. Rows
+    go in task id order, so two writers lock shared ids in the same order. Other
+    databases: an ``UPDATE`` then an ``INSERT`` per id.
+    """
+    rows = [{"task_id": task_id, "expires_at": float(entries[task_id])}
+            for task_id in sorted(entries)]
+    if not rows:
+        return
+    col = table.c["expires_at"]
+    dialect = conn.dialect.name
+    if dialect in ("sqlite", "postgresql"):
+        module: Any = sqlite if dialect == "sqlite" else postgresql
+        ins = module.insert(table).values(rows)
+        later = sa.case((ins.excluded.expires_at > col, ins.excluded.expires_at), else_=col)
+        conn.execute(ins.on_conflict_do_update(index_elements=[table.c["task_id"]],
+                                               set_={col: later}))
+        return
+    if dialect in _MYSQL:
+        my = mysql.insert(table).values(rows)
+        conn.execute(my.on_duplicate_key_update(
+            {col: sa.func.greatest(col, my.inserted.expires_at)}))
+        return
+    for row in rows:
+        where = table.c["task_id"] == row["task_id"]
+        if conn.execute(sa.select(col).where(where)).first() is None:
+            conn.execute(sa.insert(table).values(row))
+        else:
+            conn.execute(sa.update(table).where(where, col < row["expires_at"])
+                         .values(expires_at=row["expires_at"]))

@@ -26,6 +26,8 @@ Methods:
 * ``chord_store``: the ``ChordStore`` that counts chords here (``backends.chord``):
   by default ``incr`` (``chord_counter``), ``None`` without ``implements_incr``
   (Celery's ``celery.chord_unlock`` task then polls).
+* ``add_revokes`` / ``load_revokes`` / ``revokes_version``: the revoked task ids
+  every client and worker shares (``holds_revokes``), each id added atomically.
 * ``on_task_call``: a hook run before a task is sent (``rpc`` declares its
   reply queue there).
 * ``cleanup``: delete metas older than ``expires`` (FAILURE metas: older than
@@ -48,7 +50,28 @@ from taskframe.protocol.results import ResultContext, ResultMeta
 if TYPE_CHECKING:
     from taskframe.transport.connection import Connection
 
-__all__ = ["Backend", "BackendOptions"]
+__all__ = ["REVOKES_GROUP", "Backend", "BackendOptions", "live_revokes"]
+
+#: The group entry that holds revoked ids in backends without a layout of their own.
+REVOKES_GROUP = "taskframe.revoked"
+
+
+def live_revokes(data: Any) -> dict[str, float]:
+    """``{task_id: expires_at}`` out of a stored record, without the expired ids."""
+    if isinstance(data, dict) and "revoked" in data:
+        data = data["revoked"]
+    if not isinstance(data, dict):
+        return {}
+    now = time.time()
+    out: dict[str, float] = {}
+    for task_id, at in data.items():
+        try:
+            when = float(at)
+        except (TypeError, ValueError):
+            continue
+        if when > now:
+            out[str(task_id)] = when
+    return out
 
 
 @dataclass
@@ -98,11 +121,14 @@ class Backend(abc.ABC):
         implements_incr: ``incr`` is atomic here, so chords are counted with it
             (``chord_store``); False makes chords fall back to ``celery.chord_unlock``
             polling.
+        holds_revokes: the store keeps revoked task ids (``add_revokes``); False for
+            stores that keep nothing (``rpc``, ``disabled``).
     """
 
     schemes: ClassVar[tuple[str, ...]] = ()
     supports_push: ClassVar[bool] = False
     implements_incr: ClassVar[bool] = True
+    holds_revokes: ClassVar[bool] = True
 
     def __init__(self, url: str, options: BackendOptions | None = None) -> None:
         self.url = url
@@ -257,6 +283,32 @@ class Backend(abc.ABC):
         with its own chord layout (Redis: Celery's keys) returns its own store.
         """
         return CounterChordStore(self) if self.implements_incr else None
+
+    # -- revoked task ids ---------------------------------------------------------------
+
+    def add_revokes(self, entries: Mapping[str, float]) -> None:
+        """Record ``{task_id: expires_at}`` (unix seconds) as revoked.
+
+        Every backend of taskframe writes each id atomically: clients and workers that
+        revoke at the same time never lose one another's ids, and an id recorded twice
+        keeps the later expiry. This default, for backends that do not override it,
+        reads the record (one group entry), merges and writes it back: a concurrent
+        writer can overwrite it.
+        """
+        merged = self.load_revokes()
+        for task_id, expires_at in entries.items():
+            merged[task_id] = max(expires_at, merged.get(task_id, 0.0))
+        self.save_group(REVOKES_GROUP, {"revoked": merged})
+
+    def load_revokes(self) -> dict[str, float]:
+        """Every recorded ``{task_id: expires_at}`` not expired yet."""
+        return live_revokes(self.restore_group(REVOKES_GROUP))
+
+    def revokes_version(self) -> str | None:
+        """A token that changes whenever ids are added; ``None`` when the store cannot
+        tell cheaply (the default). A worker catching up reads it first and loads the ids
+        only when it changed."""
+        return None
 
     # -- housekeeping -----------------------------------------------------------------
 

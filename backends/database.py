@@ -14,6 +14,8 @@ Features:
   one transaction.
 * ``get_task_metas``: one ``SELECT ... WHERE task_id IN (...)``.
 * ``incr``: atomic counters in ``taskframe_counters`` with one statement.
+* Revoked ids: rows of ``taskframe_revoked`` (task id, expiry), each written by one
+  upsert; the counter ``taskframe.revoked`` counts the adds (``revokes_version``).
 * SQLite: WAL and a busy timeout, so several processes can share one file.
 * Transient errors (``OperationalError``, ``InterfaceError``) are retried 3 times
   with backoff after the engine is disposed; every SQLAlchemy error that still
@@ -26,7 +28,7 @@ URLs: ``db+<SQLAlchemy URL>``, e.g. ``db+sqlite:///results.sqlite3``,
 
 Options (``BackendOptions``): ``serializer``, ``accept``, ``expires`` and
 ``failure_expires`` (for ``cleanup``), ``extended``, ``table_names`` (``task``,
-``group`` and our ``counter``), ``engine_options`` (passed to ``create_engine``),
+``group`` and our ``counter`` and ``revoked``), ``engine_options`` (passed to ``create_engine``),
 ``create_tables_at_setup``, ``short_lived_sessions`` (no connection pool: every
 call opens and closes its own connection).
 """
@@ -37,7 +39,7 @@ import os
 import pickle
 import threading
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from datetime import UTC, datetime, timedelta
 from functools import partial
 from typing import Any, ClassVar, TypeVar
@@ -61,6 +63,8 @@ T = TypeVar("T")
 MAX_RETRIES = 3
 #: Task ids per ``SELECT ... IN`` of ``get_task_metas`` (bound-parameter limits).
 IN_BATCH = 500
+#: The counter row that changes whenever revoked ids are added.
+REVOKES_COUNTER = "taskframe.revoked"
 _TRANSIENT = (sa.exc.OperationalError, sa.exc.InterfaceError)
 _EXTENDED = ("name", "worker", "retries", "queue")
 
@@ -372,6 +376,43 @@ class DatabaseBackend(Backend):
                   lambda conn: conn.execute(sa.delete(table).where(table.c["key"] == key)),
                   write=True)
 
+    # -- revoked task ids ---------------------------------------------------------------
+
+    def add_revokes(self, entries: Mapping[str, float]) -> None:
+        """Upsert the ids (atomic per row) and count the add, in one transaction; then
+        delete the expired rows."""
+        if not entries:
+            return
+        tables = self._tables
+
+        def write(conn: Connection) -> None:
+            _sql.revokes_upsert(conn, tables.revoked, entries)
+            _sql.counter_incr(conn, tables.counter, REVOKES_COUNTER)
+
+        self._run("recording revoked ids", write, write=True)
+        self._run("deleting expired revoked ids", self._purge_revokes, write=True)
+
+    def _purge_revokes(self, conn: Connection) -> int:
+        table = self._tables.revoked
+        return int(conn.execute(
+            sa.delete(table).where(table.c.expires_at <= time.time())).rowcount)
+
+    def load_revokes(self) -> dict[str, float]:
+        """The rows whose expiry is later than now."""
+        table = self._tables.revoked
+        rows = self._run("loading revoked ids", lambda conn: conn.execute(
+            sa.select(table.c.task_id, table.c.expires_at)
+            .where(table.c.expires_at > time.time())).all(), write=False)
+        return {str(task_id): float(at) for task_id, at in rows}
+
+    def revokes_version(self) -> str | None:
+        """The add counter (one ``SELECT``)."""
+        table = self._tables.counter
+        value = self._run("reading the revoked ids' version", lambda conn: conn.execute(
+            sa.select(table.c.value).where(table.c["key"] == REVOKES_COUNTER)
+        ).scalar_one_or_none(), write=False)
+        return "" if value is None else str(value)
+
     # -- housekeeping -------------------------------------------------------------------
 
     def cleanup(self) -> int:
@@ -394,6 +435,7 @@ class DatabaseBackend(Backend):
                        else sa.and_(task.c.status != states.FAILURE, task.c.date_done < cutoff))
 
         def delete(conn: Connection) -> int:
+            self._purge_revokes(conn)
             done = conn.execute(sa.delete(task).where(sa.or_(*old))).rowcount
             if expires is not None:
                 done += conn.execute(sa.delete(group).where(group.c.date_done < cutoff)).rowcount

@@ -11,7 +11,7 @@ Options: none.
 
 from __future__ import annotations
 
-from typing import Any, NoReturn
+from typing import Any, ClassVar, NoReturn
 
 from taskframe import states
 from taskframe.backends.base import Backend, BackendOptions
@@ -30,6 +30,8 @@ _HOW = (
 
 class DisabledBackend(Backend):
     """Drops writes, refuses reads."""
+
+    holds_revokes: ClassVar[bool] = False
 
     def __init__(self, url: str = "disabled://", options: BackendOptions | None = None) -> None:
         super().__init__(url, options)

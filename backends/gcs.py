@@ -13,6 +13,7 @@ Features:
   its ``count`` metadata) updated by compare-and-swap on its generation, created
   with ``if_generation_match=0``, retried on 412. GCS alone: no Firestore.
 * ``get_task_metas``: many metas read in parallel (a thread pool), for groups.
+* Revoked ids: one JSON object changed by compare-and-swap (``gcs_revokes``).
 * ``gcs_ttl``: each object gets ``custom_time = now + ttl`` (FAILURE results:
   ``now + failure_expires`` when that is set) for a bucket lifecycle ``Delete``
   rule with ``daysSinceCustomTime`` (as Celery does). The rule itself is the bucket
@@ -41,7 +42,7 @@ import os
 import random
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
 from typing import Any, ClassVar, TypeVar, cast
@@ -53,6 +54,7 @@ from google.cloud import storage  # type: ignore[import-untyped]
 from google.cloud.storage.retry import DEFAULT_RETRY  # type: ignore[import-untyped]
 
 from taskframe import states
+from taskframe.backends import gcs_revokes
 from taskframe.backends._codec import ResultCodec
 from taskframe.backends.base import Backend, BackendOptions
 from taskframe.errors import BackendError, DecodeError, ImproperlyConfigured
@@ -345,6 +347,26 @@ class GCSBackend(Backend):
         if value is None:  # written by someone else: the content holds it
             value = blob.download_as_bytes(if_generation_match=generation).decode()
         return int(value)
+
+    # -- revoked task ids -----------------------------------------------------------------
+
+    def add_revokes(self, entries: Mapping[str, float]) -> None:
+        """Merge the ids into the revoked object by compare-and-swap (none is ever lost)."""
+        if entries:
+            name = self.object_name(gcs_revokes.REVOKED_OBJECT)
+            self._run("recording revoked ids",
+                      lambda bucket: gcs_revokes.add(bucket, name, entries))
+
+    def load_revokes(self) -> dict[str, float]:
+        """The ids of the revoked object not expired yet."""
+        name = self.object_name(gcs_revokes.REVOKED_OBJECT)
+        return self._run("loading revoked ids", lambda bucket: gcs_revokes.load(bucket, name))
+
+    def revokes_version(self) -> str | None:
+        """The revoked object's generation."""
+        name = self.object_name(gcs_revokes.REVOKED_OBJECT)
+        return self._run("reading the revoked ids' version",
+                         lambda bucket: gcs_revokes.version(bucket, name))
 
     # -- housekeeping ---------------------------------------------------------------------
 

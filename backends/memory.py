@@ -17,7 +17,7 @@ from __future__ import annotations
 import copy
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from datetime import UTC, datetime, timedelta
 from typing import Any, ClassVar
 
@@ -41,6 +41,8 @@ class MemoryBackend(Backend):
         self._metas: dict[str, ResultMeta] = {}
         self._groups: dict[str, Any] = {}
         self._counters: dict[str, int] = {}
+        self._revokes: dict[str, float] = {}
+        self._revokes_version = 0
 
     def store_result(
         self,
@@ -141,6 +143,23 @@ class MemoryBackend(Backend):
         """Delete counter ``key``."""
         with self._changed:
             self._counters.pop(key, None)
+
+    def add_revokes(self, entries: Mapping[str, float]) -> None:
+        """Record revoked ids (each keeps its later expiry), under the lock."""
+        with self._changed:
+            for task_id, expires_at in entries.items():
+                self._revokes[task_id] = max(expires_at, self._revokes.get(task_id, 0.0))
+            self._revokes_version += 1
+
+    def load_revokes(self) -> dict[str, float]:
+        """The revoked ids not expired yet."""
+        now = time.time()
+        with self._changed:
+            return {i: at for i, at in self._revokes.items() if at > now}
+
+    def revokes_version(self) -> str | None:
+        """How many times ids were added."""
+        return str(self._revokes_version)
 
     def cleanup(self) -> int:
         """Delete task and group results whose ``date_done`` is older than they are kept.

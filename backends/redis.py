@@ -20,6 +20,7 @@ Features:
 * ``incr``: ``INCR`` + ``EXPIRE`` in one MULTI/EXEC; the key gets the global prefix.
 * ``chord_store``: Celery's chord keys (``redis_chord``), not ``incr``, so Celery and
   taskframe workers complete one chord together.
+* Revoked ids: a sorted set, each add one Lua script run (``redis_revokes``).
 * Connection errors are retried (``max_retries`` times, with backoff); every redis-py
   error that still escapes becomes ``taskframe.errors.BackendError`` (``redis_calls``).
 * ``cleanup`` is rarely needed (keys expire by TTL): it SCANs this backend's
@@ -42,7 +43,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from datetime import UTC, datetime, timedelta
 from functools import partial
 from typing import Any, ClassVar, TypeVar, cast
@@ -59,6 +60,7 @@ from taskframe.backends.base import Backend, BackendOptions
 from taskframe.backends.chord import ChordStore
 from taskframe.backends.redis_calls import as_bytes
 from taskframe.backends.redis_chord import RedisChordStore
+from taskframe.backends.redis_revokes import RedisRevokes
 from taskframe.backends.redis_wait import PubSubWaiter
 from taskframe.errors import BackendError, DecodeError, ImproperlyConfigured
 from taskframe.protocol.results import ResultContext, ResultMeta, make_meta
@@ -130,6 +132,7 @@ class RedisBackend(Backend):
         except transport_errors.ImproperlyConfigured as exc:
             raise ImproperlyConfigured(f"result_backend: {exc}") from exc
         self._store_script = self._client.register_script(STORE_SCRIPT)
+        self._revokes = RedisRevokes(self._client, prefix)
         try:
             self.max_retries = int(self._transport_options.get("max_retries", MAX_RETRIES))
         except ValueError as exc:
@@ -345,6 +348,21 @@ class RedisBackend(Backend):
     def chord_store(self) -> ChordStore:
         """Celery's chord keys (``redis_chord``): Celery workers count the same chords."""
         return RedisChordStore(self)
+
+    # -- revoked task ids -----------------------------------------------------------------
+
+    def add_revokes(self, entries: Mapping[str, float]) -> None:
+        """Add the ids to the sorted set in one script run (atomic per id and per call)."""
+        if entries:
+            self.run("recording revoked ids", partial(self._revokes.add, entries=entries))
+
+    def load_revokes(self) -> dict[str, float]:
+        """The ids of the sorted set not expired yet."""
+        return self.run("loading revoked ids", self._revokes.load)
+
+    def revokes_version(self) -> str | None:
+        """The token the last add wrote (one ``GET``)."""
+        return self.run("reading the revoked ids' version", self._revokes.version)
 
     # -- housekeeping ---------------------------------------------------------------------
 

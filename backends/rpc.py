@@ -79,6 +79,7 @@ class RPCBackend(Backend):
 
     schemes: ClassVar[tuple[str, ...]] = ("rpc",)
     supports_push: ClassVar[bool] = True
+    holds_revokes: ClassVar[bool] = False  # nothing is stored: revokes are not shared
 
     def __init__(self, url: str, options: BackendOptions | None = None) -> None:
         super().__init__(url, options)

@@ -118,6 +118,7 @@ DEFAULTS: dict[str, Any] = {
     "worker_enable_remote_control": True,
     "worker_revoked_max": 50000,
     "worker_revoked_expires": 10800.0,
+    "worker_revoked_sync_interval": 10.0,
     # -- remote control (pidbox) -------------------------------------------------------
     "control_exchange": "celery",
     "control_queue_ttl": 300.0,

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -127,6 +128,33 @@ def test_a_body_exit_fails_its_task_and_the_pool_goes_on(fleet: PoolFleet, pool:
         assert result.state == states.FAILURE
     proc.terminate()
     assert proc.wait(30) == 0, fleet.log_text()
+
+
+#: Revokes racing a freeing slot, per pool.
+RACE_TRIES = 10
+
+
+def test_a_revoke_landing_as_the_slot_frees_is_honoured(fleet: PoolFleet, pool: str) -> None:
+    """One slot; each try's victim waits in the pool (held ahead of the slot where the pool
+    does that) while the running task revokes it and returns the moment the worker
+    confirmed. The slot takes the victim next, microseconds later: it must see the revoke
+    (the consumer loop's own re-check, one turn away, is too late)."""
+    proc = fleet.start(pool, "-c", "1", "--prefetch-multiplier", "2")
+    proj = fleet.module
+    victims = []
+    for n in range(RACE_TRIES):
+        victim_id = str(uuid.uuid4())
+        first = proj.revoke_next.apply_async((victim_id, 0.3))
+        victims.append(proj.nap.apply_async((n, 0.0), task_id=victim_id))
+        assert first.get(timeout=30) == victim_id, fleet.log_text()
+    assert proj.add.delay(2, 3).get(timeout=30) == 5  # one slot: every victim went first
+    started = [line for line in fleet.lines() if line.startswith(("start", "unconfirmed"))]
+    assert started == [], f"{len(started)} of {RACE_TRIES} revoked tasks ran: {started}"
+    wait_until(lambda: all(v.state == states.REVOKED for v in victims), 30,
+               "every victim to be REVOKED")
+    proc.terminate()
+    assert proc.wait(30) == 0, fleet.log_text()
+    assert "Exception in thread" not in fleet.log_text()
 
 
 def test_should_abort_at_the_shutdown_deadline(fleet: PoolFleet, pool: str) -> None:

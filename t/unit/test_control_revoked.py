@@ -9,7 +9,7 @@ from pathlib import Path
 
 from taskframe import Taskframe
 from taskframe.control.mailbox import ControlRequest, LamportClock, Mailbox, node_matches
-from taskframe.control.revoked import REVOKED_KEY, RevokedSet, StateDB, store_for
+from taskframe.control.revoked import RevokedSet, StateDB, store_for
 
 
 def test_revoked_set_bounds_and_expiry() -> None:
@@ -56,10 +56,54 @@ def test_store_in_the_result_backend() -> None:
     try:
         store = store_for(app)
         assert store is not None
+        first = store.version()
         store.add(["x", "y"], 60.0)
+        assert store.version() != first
         store.add(["z"], 60.0)
         assert set(store.load()) == {"x", "y", "z"}
-        assert app.backend.restore_group(REVOKED_KEY) is not None
+        assert set(app.backend.load_revokes()) == {"x", "y", "z"}
+        store.add(["gone"], -1.0)  # already expired: never loaded
+        assert "gone" not in store.load()
+    finally:
+        app.close()
+
+
+def test_no_store_without_a_backend_that_keeps_revokes() -> None:
+    app = Taskframe("rs", broker="memory://rs", backend="rpc://", set_as_current=False)
+    try:
+        assert store_for(app) is None  # rpc stores nothing: revokes stay in worker memory
+    finally:
+        app.close()
+
+
+def test_revoke_sync_catches_up_only_when_the_store_changed() -> None:
+    from taskframe.control_server.revoke_sync import RevokeSync
+
+    app = Taskframe("rs", broker="memory://rs", backend="memory://", set_as_current=False)
+    try:
+        store = store_for(app)
+        assert store is not None
+        loads: list[int] = []
+        load = store.load
+        store.load = lambda: loads.append(1) or load()  # type: ignore[method-assign]
+        store.add(["known"], 60.0)
+        revoked = RevokedSet()
+        revoked.update(store.load())  # as the worker loads it at start
+        learned: list[list[str]] = []
+        sync = RevokeSync(revoked, store, interval=0.05, on_learned=learned.append)
+        assert sync.sync() == 0 and len(loads) == 2  # the first look loads...
+        assert learned == [["known"]]  # ...and hands on every id (REVOKED stored)
+        assert sync.sync() == 0 and len(loads) == 2  # nothing added: one version read
+        store.add(["missed"], 60.0)  # a revoke this worker did not hear
+        assert sync.sync() == 1 and "missed" in revoked and len(loads) == 3
+        assert learned[-1] == ["missed"]
+        sync.start()
+        store.add(["later"], 60.0)
+        deadline = time.time() + 10
+        while "later" not in revoked and time.time() < deadline:
+            time.sleep(0.02)
+        sync.stop()
+        assert "later" in revoked
     finally:
         app.close()
 

@@ -175,32 +175,6 @@ def test_eta_messages_raise_the_prefetch_bound(app: Taskframe, run_worker: Any,
     assert order[0] == first
 
 
-def test_recheck_of_queued_jobs_survives_jobs_ending_meanwhile(app: Taskframe) -> None:
-    # Pool threads delete from ``Consumer.active`` as jobs end, while the loop re-checks
-    # it for revoked jobs queued ahead; a prefork worker draining Redis died of
-    # "dictionary changed size during iteration" there. The job ending is played by the
-    # revoke check itself, so the interleaving is certain.
-    from types import SimpleNamespace
-
-    from taskframe.control.revoked import RevokedSet
-    from taskframe.worker.consumer import Consumer
-
-    pool: Any = SimpleNamespace(queue_ahead=1, take_back=lambda: [])
-    consumer = Consumer(app, app.connection(), [], pool, hostname="h", prefetch_count=4)
-    consumer.revoked = RevokedSet()
-    consumer.active = {name: SimpleNamespace(id=name, started=False) for name in "abc"}
-    checked: list[str] = []
-
-    def is_revoked(request: Any) -> bool:
-        checked.append(request.id)
-        consumer.active.pop("c", None)  # a pool thread settles job "c" meanwhile
-        return False
-
-    consumer._is_revoked = is_revoked  # type: ignore[method-assign]
-    consumer._recheck_queued()
-    assert checked == ["a", "b", "c"] and list(consumer.active) == ["a", "b"]
-
-
 @pytest.mark.parametrize("pool_name", ["threads", "solo"])
 def test_jobs_queued_ahead_in_a_thread_pool_start_in_order_or_come_back(
         app: Taskframe, pool_name: str) -> None:

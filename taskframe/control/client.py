@@ -7,7 +7,8 @@
     app.control.revoke(task_id, terminate=True, signal="SIGKILL")
 
 ``revoke`` also records the ids in the shared revoke store (the result
-backend), so workers that start later skip those tasks too.
+backend), so workers that start later, or that did not hear the broadcast, skip
+those tasks too.
 """
 
 from __future__ import annotations
@@ -195,7 +196,12 @@ class Control:
                                          "signal": signal}, **options)
 
     def remember_revoked(self, task_ids: Sequence[str]) -> None:
-        """Record ids in the shared revoke store (logged, not raised, on failure)."""
+        """Record ids in the shared revoke store (logged, not raised, on failure).
+
+        The client does not store REVOKED as the tasks' state: it cannot tell a task
+        running somewhere from one not started. Workers do, for the tasks they do not
+        run, when they hear the revoke or catch up on it.
+        """
         store = store_for(self.app)
         if store is None:
             return

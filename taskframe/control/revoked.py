@@ -10,11 +10,15 @@ three copies:
   they mean the same in every process and file.
 * ``StateDB``: a JSON file (``--statedb``) written after each change and read at
   start, so one worker's set survives its restart.
-* ``RevokeStore``: a record in the result backend (a group entry named
-  ``REVOKED_KEY``), written by every revoke (client or worker) and read by every
-  worker at start, so a revoke sent while no worker runs still applies. Writers
-  merge with what is stored and check their ids landed (a concurrent writer can
-  overwrite; the check writes again).
+* ``RevokeStore``: the ids kept in the result backend (``Backend.add_revokes``,
+  each id written atomically), written by every revoke (client or worker), read by
+  every worker at start and caught up on after its control link comes back and every
+  ``worker_revoked_sync_interval`` seconds (``control_server.revoke_sync``), so a
+  revoke sent while a worker was offline, or could not hear it, still applies.
+
+A revoke also stores REVOKED as the task's state (``mark_revoked``): a task with an
+ETA reads it before it runs, so an ETA further away than every revoke memory is still
+not run (``taskframe.execution.revoked``).
 """
 
 from __future__ import annotations
@@ -30,21 +34,22 @@ import time
 from collections.abc import Collection, Iterable, Iterator, Mapping
 from typing import TYPE_CHECKING, Any
 
+from taskframe import states
+from taskframe.backends.base import live_revokes
+
 if TYPE_CHECKING:
     from taskframe.backends.base import Backend
     from taskframe.client.app import Taskframe
 
-__all__ = ["REVOKED_KEY", "RevokeStore", "RevokedSet", "StateDB", "revoked_ids", "store_for"]
+__all__ = ["REVOCABLE_STATES", "RevokeStore", "RevokedSet", "StateDB", "mark_revoked",
+           "revoked_ids", "store_for"]
 
 logger = logging.getLogger("taskframe.control.revoked")
 
-#: The backend group id under which revoked task ids are shared.
-REVOKED_KEY = "taskframe.revoked"
 DEFAULT_MAX = 50000
 DEFAULT_EXPIRES = 10800.0
-_STORE_ATTEMPTS = 3
-# An id already stored with an expiry this close to ours is not written again.
-_STORE_SLACK = 60.0
+#: Stored states a revoke may overwrite with REVOKED (never a finished or running task).
+REVOCABLE_STATES = frozenset({states.PENDING, states.RECEIVED, states.RETRY, states.REJECTED})
 
 
 class RevokedSet:
@@ -161,16 +166,21 @@ class StateDB:
             logger.warning("cannot read the state db %s: %s; starting empty", self.path, exc)
             return {}
         revoked = data.get("revoked") if isinstance(data, dict) else None
-        return _entries(revoked)
+        return live_revokes(revoked)
 
-    def save(self, entries: Mapping[str, float], clock: int = 0) -> None:
-        """Write ``entries`` (and the logical clock) to the file."""
+    def save(self, entries: Mapping[str, float] | RevokedSet, clock: int = 0) -> None:
+        """Write ``entries`` (and the logical clock) to the file.
+
+        Given the ``RevokedSet`` itself, the ids are read under this file's lock, so
+        two threads saving at once never leave the older copy last.
+        """
         directory = os.path.dirname(os.path.abspath(self.path))
         with self._lock:
+            data = entries.entries() if isinstance(entries, RevokedSet) else dict(entries)
             fd, tmp = tempfile.mkstemp(prefix=".statedb-", dir=directory)
             try:
                 with os.fdopen(fd, "w", encoding="utf-8") as fh:
-                    json.dump({"revoked": dict(entries), "clock": clock}, fh)
+                    json.dump({"revoked": data, "clock": clock}, fh)
                 os.replace(tmp, self.path)
             except BaseException:
                 with contextlib.suppress(OSError):
@@ -181,9 +191,13 @@ class StateDB:
 class RevokeStore:
     """Revoked ids shared through the result backend, with expiry.
 
+    The backend writes each id atomically (``Backend.add_revokes``: a sorted set on
+    Redis, rows on SQL, a compare-and-swapped object on GCS), so clients and workers
+    revoking at the same time never lose one another's ids.
+
     Args:
-        backend: the result backend (its group storage holds one record).
-        maxlen: most ids kept in the record.
+        backend: the result backend (``holds_revokes``).
+        maxlen: most ids loaded (those that expire last).
     """
 
     def __init__(self, backend: Backend, maxlen: int = DEFAULT_MAX) -> None:
@@ -192,7 +206,10 @@ class RevokeStore:
 
     def load(self) -> dict[str, float]:
         """The ``{task_id: expires_at}`` entries not yet expired."""
-        return _entries(self.backend.restore_group(REVOKED_KEY))
+        entries = self.backend.load_revokes()
+        if self.maxlen and len(entries) > self.maxlen:
+            entries = dict(sorted(entries.items(), key=lambda kv: kv[1])[-self.maxlen:])
+        return entries
 
     def add(self, task_ids: Iterable[str], expires: float) -> None:
         """Record ``task_ids`` as revoked for ``expires`` seconds.
@@ -201,40 +218,26 @@ class RevokeStore:
             TaskframeError / TransportError: the backend failed (callers log it).
         """
         expires_at = time.time() + expires
-        wanted = {task_id: expires_at for task_id in task_ids}
-        if not wanted:
-            return
-        for _ in range(_STORE_ATTEMPTS):
-            entries = self.load()
-            if all(entries.get(i, 0.0) >= at - _STORE_SLACK for i, at in wanted.items()):
-                return  # already recorded (by the client that sent the revoke)
-            for task_id, at in wanted.items():
-                entries[task_id] = max(at, entries.get(task_id, 0.0))
-            if self.maxlen and len(entries) > self.maxlen:
-                keep = sorted(entries.items(), key=lambda kv: kv[1])[-self.maxlen:]
-                entries = dict(keep)
-            self.backend.save_group(REVOKED_KEY, {"revoked": entries})
-            if set(wanted) <= set(self.load()):
-                return
-        logger.warning("revoke store: %d id(s) may not have been recorded (concurrent writers)",
-                       len(wanted))
+        self.backend.add_revokes({task_id: expires_at for task_id in task_ids})
+
+    def version(self) -> str | None:
+        """A token that changes with every add (``None``: the backend cannot tell)."""
+        return self.backend.revokes_version()
 
 
-def _entries(data: Any) -> dict[str, float]:
-    if isinstance(data, dict) and "revoked" in data:
-        data = data["revoked"]
-    now = time.time()
-    if isinstance(data, dict):
-        out: dict[str, float] = {}
-        for task_id, at in data.items():
-            try:
-                when = float(at)
-            except (TypeError, ValueError):
-                continue
-            if when > now:
-                out[str(task_id)] = when
-        return out
-    return {}
+def mark_revoked(backend: Backend, task_ids: Iterable[str]) -> None:
+    """Store REVOKED for each id whose stored state is neither final nor running.
+
+    A task that comes back after every revoke memory forgot it (an ETA further away than
+    ``worker_revoked_expires``) reads this state before it runs, and is not run.
+
+    Raises:
+        TaskframeError / TransportError: the backend failed (callers log it).
+    """
+    metas = backend.get_task_metas(task_ids)
+    for task_id, meta in metas.items():
+        if meta.get("status") in REVOCABLE_STATES:
+            backend.mark_as_revoked(task_id, "revoked")
 
 
 def revoked_ids(value: str | Collection[str]) -> list[str]:
@@ -246,6 +249,6 @@ def revoked_ids(value: str | Collection[str]) -> list[str]:
 
 def store_for(app: Taskframe) -> RevokeStore | None:
     """The shared revoke store of ``app``: its result backend, or ``None`` without one."""
-    if app.result_backend_url is None:
+    if app.result_backend_url is None or not app.backend.holds_revokes:
         return None
     return RevokeStore(app.backend, int(app.conf.worker_revoked_max or 0))

@@ -19,8 +19,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from taskframe import states
-from taskframe.control.revoked import revoked_ids
+from taskframe.control.revoked import mark_revoked, revoked_ids
 from taskframe.control_server.contract import WorkerState
 from taskframe.control_server.info import (
     broker_info,
@@ -41,8 +40,6 @@ NO_REPLY = object()
 DEFAULT_TASK_INFO_ITEMS = ("exchange", "routing_key", "rate_limit")
 #: The timer priority Celery reports for scheduled requests.
 SCHEDULED_PRIORITY = 6
-#: Stored states a revoke may overwrite with REVOKED (never a finished or running task).
-_REVOCABLE_STATES = frozenset({states.PENDING, states.RECEIVED, states.RETRY, states.REJECTED})
 
 
 @dataclass(frozen=True)
@@ -387,10 +384,7 @@ def _mark_revoked(state: WorkerState, ids: set[str]) -> None:
     if not ids or app.result_backend_url is None:
         return
     running = {r.id for r in state.active()}
-    for task_id in ids - running:
-        try:
-            current = app.backend.get_task_meta(task_id).get("status")
-            if current in _REVOCABLE_STATES:
-                app.backend.mark_as_revoked(task_id, "revoked")
-        except Exception as exc:
-            logger.warning("revoke %s: could not store REVOKED: %r", task_id, exc)
+    try:
+        mark_revoked(app.backend, sorted(ids - running))
+    except Exception as exc:
+        logger.warning("revoke %s: could not store REVOKED: %r", sorted(ids), exc)

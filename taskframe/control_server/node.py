@@ -8,6 +8,10 @@ touching the consuming connection to the consumer loop.
 
 ``handle(message)`` can also be called by a consumer that receives pidbox
 messages itself (``queue()`` names the queue to consume).
+
+Broadcasts sent while the node's link is down never reach it (the pidbox queue is
+auto-deleted on AMQP, a fanout on Redis has only live subscribers): after it
+reconnects the node calls ``on_reconnect`` (the worker catches up on revokes there).
 """
 
 from __future__ import annotations
@@ -19,9 +23,11 @@ from typing import TYPE_CHECKING, Any
 
 from taskframe.control.mailbox import ControlRequest, mailbox_for
 from taskframe.control_server.handlers import NO_REPLY, dispatch
-from taskframe.transport.errors import BrokerConnectionError, TransportError
+from taskframe.transport.errors import TransportError
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from taskframe.client.app import Taskframe
     from taskframe.control_server.contract import WorkerState
     from taskframe.transport import Connection, Message, Queue, Transport
@@ -31,6 +37,8 @@ __all__ = ["ControlNode"]
 logger = logging.getLogger("taskframe.control.node")
 
 _POLL = 0.5
+# Seconds between two attempts to make the link again.
+_RETRY = 2.0
 
 
 class ControlNode:
@@ -39,16 +47,20 @@ class ControlNode:
     Args:
         app: the worker's app (broker connection settings).
         state: the worker as handlers see it.
+        on_reconnect: called (in the node's thread) each time the link is back.
     """
 
-    def __init__(self, app: Taskframe, state: WorkerState) -> None:
+    def __init__(self, app: Taskframe, state: WorkerState,
+                 on_reconnect: Callable[[], None] | None = None) -> None:
         self.app = app
         self.state = state
+        self.on_reconnect = on_reconnect
         self.hostname = state.hostname
         self.mailbox = mailbox_for(app, state.clock)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._connection: Connection | None = None
+        self._reconnected_at = 0.0
 
     def queue(self) -> Queue:
         """The pidbox queue of this node."""
@@ -103,26 +115,33 @@ class ControlNode:
                 if time.monotonic() - maintained >= transport.maintain_interval:
                     maintained = time.monotonic()
                     transport.maintain()  # heartbeats (AMQP), binding refresh (Redis)
-            except BrokerConnectionError as exc:
+            except TransportError as exc:
                 if self._stop.is_set():
                     return
+                # An error here is the link's, not one message's (``handle`` deals with
+                # those): left as it is, a subscribe the broker refused (Redis NOPERM,
+                # LOADING) would leave the node deaf for good. The link is made again.
                 self._reconnect(connection, exc)
-            except TransportError as exc:
-                logger.warning("remote control: %s", exc)
 
     def _reconnect(self, connection: Connection, exc: Exception) -> None:
         logger.warning("remote control lost the broker (%s); reconnecting", exc)
         connection.close()
+        if time.monotonic() - self._reconnected_at < _RETRY:
+            self._stop.wait(_RETRY)  # failed again at once: no busy loop
         while not self._stop.is_set():
             try:
                 connection.ensure_connection(max_retries=0)
                 connection.transport.consume([self.queue()], prefetch_count=0)
-                logger.info("remote control reconnected")
-                return
-            except BrokerConnectionError as err:
+            except TransportError as err:  # a refused subscribe too: the thread lives on
                 logger.debug("remote control: still no broker: %s", err)
                 connection.close()
-                self._stop.wait(2.0)
+                self._stop.wait(_RETRY)
+                continue
+            self._reconnected_at = time.monotonic()
+            logger.info("remote control reconnected")
+            if self.on_reconnect is not None:
+                self.on_reconnect()
+            return
 
     # -- one message ------------------------------------------------------------------
 

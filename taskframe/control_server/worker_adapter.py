@@ -8,7 +8,8 @@ pool resizing) to the consumer loop through ``consumer.call_soon`` when the
 consumer has it.
 
 ``load_revoked(app, statedb)`` builds the worker's revoked set at start from the
-``--statedb`` file and the shared store.
+``--statedb`` file and the shared store; ``RemoteControl`` keeps it caught up with the
+store afterwards (``RevokeSync``).
 """
 
 from __future__ import annotations
@@ -21,8 +22,9 @@ from collections.abc import Callable, Collection
 from typing import TYPE_CHECKING, Any
 
 from taskframe.control.mailbox import LamportClock
-from taskframe.control.revoked import RevokedSet, RevokeStore, StateDB, store_for
+from taskframe.control.revoked import RevokedSet, RevokeStore, StateDB, mark_revoked, store_for
 from taskframe.control_server.contract import RequestView
+from taskframe.control_server.revoke_sync import RevokeSync
 from taskframe.errors import PoolError
 
 if TYPE_CHECKING:
@@ -228,7 +230,7 @@ class WorkerControlState:
     def persist_revokes(self, task_ids: Collection[str]) -> None:
         if self.statedb is not None:
             try:
-                self.statedb.save(self._revoked.entries(), self._clock.value)
+                self.statedb.save(self._revoked, self._clock.value)
             except OSError as exc:
                 logger.warning("could not write the state db: %s", exc)
         if self.store is not None and task_ids:
@@ -236,6 +238,11 @@ class WorkerControlState:
                 self.store.add(task_ids, self._revoked.expires)
             except Exception as exc:
                 logger.warning("could not record revoked ids in the result backend: %r", exc)
+
+    def mark_learned(self, task_ids: Collection[str]) -> None:
+        """Store REVOKED for ids learned from the shared store that do not run here."""
+        running = {r.id for r in self.active()}
+        mark_revoked(self.app.backend, sorted(set(task_ids) - running))
 
     def shutdown(self) -> None:
         self.worker.stop()
@@ -254,16 +261,21 @@ class WorkerControlState:
 
 
 class RemoteControl:
-    """What a ``Worker`` starts for remote control, in one object: state and node.
+    """What a ``Worker`` starts for remote control, in one object: state, node, revoke sync.
 
     ``RemoteControl.start(worker, consumer, revoked=..., ...)`` answers commands from a
     thread of its own (when ``worker_enable_remote_control`` is on and the broker has
-    fanout exchanges); ``stop()`` ends it and saves the ``--statedb`` file.
+    fanout exchanges) and, with a shared revoke store, catches up on the revokes the
+    node did not hear (after the node reconnects and every
+    ``worker_revoked_sync_interval`` seconds); ``stop()`` ends them and saves the
+    ``--statedb`` file.
     """
 
-    def __init__(self, state: WorkerControlState, node: Any) -> None:
+    def __init__(self, state: WorkerControlState, node: Any,
+                 sync: RevokeSync | None = None) -> None:
         self.state = state
         self.node = node
+        self.sync = sync
 
     @classmethod
     def start(cls, worker: Any, consumer: Consumer, *, revoked: RevokedSet,
@@ -274,24 +286,33 @@ class RemoteControl:
 
         state = WorkerControlState(worker, consumer, revoked=revoked, statedb=statedb,
                                    store=store, events=events)
+        sync = None
+        if store is not None:
+            sync = RevokeSync(revoked, store,
+                              float(consumer.app.conf.worker_revoked_sync_interval or 0),
+                              on_learned=state.mark_learned)
+            sync.start()
         node = None
         if consumer.app.conf.worker_enable_remote_control:
-            node = ControlNode(consumer.app, state)
+            node = ControlNode(consumer.app, state,
+                               on_reconnect=sync.wake if sync is not None else None)
             try:
                 if not node.start():
                     node = None
             except Exception as exc:
                 logger.error("remote control not started: %s", exc)
                 node = None
-        return cls(state, node)
+        return cls(state, node, sync)
 
     def stop(self) -> None:
         """Stop answering; save the revoked set to the ``--statedb`` file."""
         if self.node is not None:
             self.node.stop()
+        if self.sync is not None:
+            self.sync.stop()
         self.state.close()
         if self.state.statedb is not None:
             try:
-                self.state.statedb.save(self.state.revoked.entries(), self.state.clock.value)
+                self.state.statedb.save(self.state.revoked, self.state.clock.value)
             except OSError as exc:
                 logger.warning("could not write the state db: %s", exc)

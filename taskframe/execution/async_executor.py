@@ -28,6 +28,7 @@ from taskframe.execution.executor import (
     _on_failure,
     _on_success,
 )
+from taskframe.execution.revoked import revoked_at_start, skip_revoked
 
 if TYPE_CHECKING:
     from taskframe.client.task import Task
@@ -54,6 +55,10 @@ async def execute_async(task: Task[Any, Any], ctx: Context, *, store: bool = Tru
     args, kwargs = list(ctx.args), dict(ctx.kwargs)
     backend = task.backend if store else None
     body = body or BodyRun()
+    # Only a run that may be skipped pays the hop to a thread (an ETA task reads its state).
+    if (ctx.eta is not None or ctx.should_abort()) and \
+            await asyncio.to_thread(revoked_at_start, ctx, backend):
+        return await asyncio.to_thread(skip_revoked, task, ctx, backend)
     with request_context(ctx):
         error: BaseException | None = await asyncio.to_thread(_begin, task, ctx, args, kwargs,
                                                               backend)

@@ -20,6 +20,7 @@ from taskframe.errors import Ignore, Reject, Retry
 from taskframe.execution.callbacks import dispatch_callbacks, dispatch_errbacks
 from taskframe.execution.coroutines import run_coroutine
 from taskframe.execution.outcome import Outcome
+from taskframe.execution.revoked import revoked_at_start, skip_revoked
 from taskframe.protocol.results import ResultContext
 
 if TYPE_CHECKING:
@@ -62,10 +63,13 @@ def execute(task: Task[Any, Any], ctx: Context, *, store: bool = True) -> Outcom
 
     An ``async def`` task's coroutine runs to its end in an event loop of its own
     (``run_coroutine``); the ``asyncio`` pool awaits it on its loop instead
-    (``taskframe.worker.trace_async``).
+    (``taskframe.worker.trace_async``). A run revoked before it starts runs nothing
+    (``execution.revoked``).
     """
     args, kwargs = list(ctx.args), dict(ctx.kwargs)
     backend = task.backend if store else None
+    if revoked_at_start(ctx, backend):
+        return skip_revoked(task, ctx, backend)
     with request_context(ctx):
         # Inside the request, as in Celery: receivers may read ``task.request``.
         signals.task_prerun.send(sender=task, task_id=ctx.id, task=task, args=args,

@@ -6,7 +6,8 @@ An expired or revoked request is skipped (REVOKED stored, then acked; the store
 write runs off the loop's thread, ``_store_writes``). An ETA far in
 the future goes back to the broker, a near one waits on a timer; the rest is
 reserved and started at once if the pool has room. The expired/revoked checks
-run again just before a reserved request starts.
+run again just before a reserved request starts, and the revoked check once more when
+a pool slot takes the job (``_accept``).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from taskframe.errors import (
     NotRegistered,
     TransportError,
 )
+from taskframe.execution.revoked import REVOKED
 from taskframe.protocol import decode_message
 from taskframe.transport.base import MessageState
 from taskframe.worker._consumer_settle import ACK
@@ -37,6 +39,7 @@ if TYPE_CHECKING:
 
     from taskframe.client.app import Taskframe
     from taskframe.control.revoked import RevokedSet
+    from taskframe.pools.base import TaskJob
     from taskframe.transport import Connection, Message
     from taskframe.worker._store_writes import StoreWrites
 
@@ -66,6 +69,7 @@ class Intake:
         def _can_defer(self, message: Message) -> bool: ...
         def _defer(self, request: Request, delay: float) -> None: ...
         def _start_reserved(self) -> None: ...
+        def _on_accepted(self, job: TaskJob) -> None: ...
 
     def on_message(self, message: Message) -> None:
         """Decode, validate and reserve one message (or reject it with one log line)."""
@@ -147,6 +151,19 @@ class Intake:
         if revoked is None:
             return False
         return request.id in revoked or revoked.matches_stamps(request.context.stamps)
+
+    def _accept(self, job: TaskJob) -> None:
+        """A pool slot takes ``job`` (``job.on_accepted``, any thread): the last look at the
+        revoked set, then the early ack.
+
+        Pools hold jobs ahead of a free slot (``queue_ahead``) and greenlets, coroutines
+        and children start a moment after ``submit``: a revoke that landed meanwhile asks
+        the run to abort with reason "revoked" before its body starts, so ``execute``
+        stores REVOKED and runs nothing (``execution.revoked``). One set lookup per task.
+        """
+        if self.revoked is not None and self._is_revoked(job.request):
+            job.context.request_abort(REVOKED)
+        self._on_accepted(job)
 
     def _discard_revoked(self, request: Request) -> None:
         """Skip a revoked task: store REVOKED (never over a result), signal, ack."""

@@ -142,7 +142,6 @@ class Consumer(Intake, Timers, Settling, Reconnection):
         self.last_turn = time.monotonic()
         self.settle_completions(flush=False)
         self._run_calls()
-        self._recheck_queued()
         self._start_due_timers()
         self._start_reserved()
         self._maintain()
@@ -267,15 +266,6 @@ class Consumer(Intake, Timers, Settling, Reconnection):
             return self.pool.concurrency
         return self.pool.concurrency + self.pool.queue_ahead
 
-    def _recheck_queued(self) -> None:
-        """A job revoked while it waited in the pool for a slot (``queue_ahead``) is taken
-        back with the others waiting there, so that it is checked again before it runs."""
-        if self.revoked is None or not self.pool.queue_ahead:
-            return
-        # A copy: pool threads delete from ``active`` as jobs end (``_on_done``).
-        if any(not r.started and self._is_revoked(r) for r in list(self.active.values())):
-            self.reserved.extendleft(reversed(self._take_back()))
-
     def _take_back(self) -> list[Request]:
         """The requests the pool holds and no slot started: out of ``running`` again."""
         requests = []
@@ -292,7 +282,7 @@ class Consumer(Intake, Timers, Settling, Reconnection):
         hard = _first(tm.time_limit, task.time_limit, conf.task_time_limit)
         soft = _first(tm.soft_time_limit, task.soft_time_limit, conf.task_soft_time_limit)
         return TaskJob(task=task, context=request.context, store=self._store_results(),
-                       on_accepted=self._on_accepted, on_done=self._on_done,
+                       on_accepted=self._accept, on_done=self._on_done,
                        time_limit=hard, soft_time_limit=soft, request=request)
 
     def abort_running(self, reason: str) -> int:

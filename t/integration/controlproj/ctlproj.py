@@ -2,7 +2,8 @@
 
 ``CTL_BROKER``, ``CTL_BACKEND`` (optional), ``CTL_NS`` (``control_exchange``: one per test, so
 workers of other tests never answer), ``CTL_QUEUE`` (the task queue), ``CTL_RECORD`` (a file
-each run of ``record`` appends its argument to).
+each run of ``record`` appends its argument to); optional ``CTL_REVOKED_EXPIRES`` and
+``CTL_SYNC_INTERVAL`` (``worker_revoked_expires``, ``worker_revoked_sync_interval``).
 """
 
 from __future__ import annotations
@@ -19,6 +20,8 @@ app.conf.update(
     control_exchange=os.environ.get("CTL_NS", "celery"),
     task_default_queue=os.environ.get("CTL_QUEUE", "celery"),
     worker_prefetch_multiplier=1,
+    worker_revoked_expires=float(os.environ.get("CTL_REVOKED_EXPIRES", 10800.0)),
+    worker_revoked_sync_interval=float(os.environ.get("CTL_SYNC_INTERVAL", 10.0)),
 )
 
 

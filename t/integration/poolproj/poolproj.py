@@ -98,6 +98,20 @@ async def anap(n: int, seconds: float) -> int:
     return n
 
 
+@app.task(name="poolproj.revoke_next", bind=True)
+def revoke_next(self: Task[Any, Any], victim_id: str, wait: float) -> str:
+    """Waits ``wait`` seconds (the next task reaches the pool meanwhile and waits there for
+    this slot), revokes ``victim_id`` on this worker and returns as soon as the worker has
+    confirmed: the slot frees with the revoke just landed, the race a check when the slot
+    takes its next job must win."""
+    time.sleep(wait)
+    replies = app.control.revoke(victim_id, destination=[self.request.hostname], reply=True,
+                                 timeout=10)
+    if not replies:
+        record("unconfirmed", victim_id)
+    return victim_id
+
+
 @app.task(name="poolproj.soft")
 def soft(seconds: float) -> str:
     """Sleeps; returns "soft" when its soft time limit interrupts it."""
