@@ -131,7 +131,7 @@ def test_a_body_exit_fails_its_task_and_the_pool_goes_on(fleet: PoolFleet, pool:
 
 
 #: Revokes racing a freeing slot, per pool.
-RACE_TRIES = 10
+RACE_TRIES = 30
 
 
 def test_a_revoke_landing_as_the_slot_frees_is_honoured(fleet: PoolFleet, pool: str) -> None:
@@ -144,7 +144,7 @@ def test_a_revoke_landing_as_the_slot_frees_is_honoured(fleet: PoolFleet, pool: 
     victims = []
     for n in range(RACE_TRIES):
         victim_id = str(uuid.uuid4())
-        first = proj.revoke_next.apply_async((victim_id, 0.3))
+        first = proj.revoke_next.apply_async((victim_id, 0.15))
         victims.append(proj.nap.apply_async((n, 0.0), task_id=victim_id))
         assert first.get(timeout=30) == victim_id, fleet.log_text()
     assert proj.add.delay(2, 3).get(timeout=30) == 5  # one slot: every victim went first
