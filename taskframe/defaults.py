@@ -97,6 +97,13 @@ DEFAULTS: dict[str, Any] = {
     # The most bytes a task message's body may have, compressed or decompressed (a "zip
     # bomb" is rejected before it grows); None: no limit. Not a Celery setting.
     "worker_max_message_size": 128 * 1024 * 1024,
+    # A message delivered this many times without being settled (each run lost the process
+    # running it: a prefork child, or the worker) is not run again: FAILURE stored, the
+    # message dead-lettered to <queue>.dead. None or 0: no limit (Celery's behaviour, which
+    # redelivers it forever). Not a Celery setting. RabbitMQ's own x-delivery-limit on
+    # quorum queues is the transport option "delivery_limit" (off: Celery would have to
+    # declare the same queue arguments).
+    "worker_delivery_limit": 10,
     "worker_disable_rate_limits": False,
     "worker_hijack_root_logger": True,
     "worker_log_color": None,

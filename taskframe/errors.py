@@ -23,6 +23,7 @@ Hierarchy::
     │   ├── MaxRetriesExceededError   retry() past max_retries
     │   ├── TaskRevokedError          the task was revoked or expired
     │   ├── WorkerLostError           the process running the task died
+    │   │   └── DeliveryLimitExceeded its message was delivered too often unsettled
     │   └── ChordError                a chord header part failed
     ├── SoftTimeLimitExceeded         raised inside a task at its soft limit
     └── TimeLimitExceeded             the task hit its hard limit
@@ -57,6 +58,7 @@ __all__ = [
     "ConnectionLost",
     "ContentDisallowed",
     "DecodeError",
+    "DeliveryLimitExceeded",
     "EncodeError",
     "Ignore",
     "ImproperlyConfigured",
@@ -194,6 +196,13 @@ class TaskRevokedError(TaskError):
 
 class WorkerLostError(TaskError):
     """Raised (and stored) when the process running a task died."""
+
+
+class DeliveryLimitExceeded(WorkerLostError):
+    """Stored (FAILURE) when a task's message was delivered ``worker_delivery_limit`` times
+    without being settled: each run lost the process running it (a prefork child, or the
+    worker itself), so the worker does not run it again and dead-letters the message.
+    """
 
 
 class ChordError(TaskError):

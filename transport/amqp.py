@@ -67,7 +67,13 @@ Options (``transport_options``):
     ``broker_native_delayed_delivery_queue_type``), ``confirm_timeout`` (30.0 s:
     how long a publish waits for its confirm before the link counts as lost),
     ``max_batch`` (200: most messages one ``poll`` returns when there is no
-    prefetch bound), ``client_name`` (shown by ``rabbitmqctl list_connections``).
+    prefetch bound), ``client_name`` (shown by ``rabbitmqctl list_connections``),
+    ``delivery_limit`` (None; a number: quorum queues are declared with that
+    ``x-delivery-limit`` and a dead-letter route to ``<queue>.dead``, see
+    ``amqp_failures`` for what is counted where and why it is not the default).
+
+Settling: ``reject(requeue=True)`` is a ``basic.nack`` (RabbitMQ 4.3+ does not count
+it as a failed delivery), ``requeue_failed`` and ``dead_letter`` are in ``amqp_failures``.
 """
 
 from __future__ import annotations
@@ -82,6 +88,7 @@ from typing import Any, ClassVar
 from amqp import exceptions as amqp_errors
 
 from . import amqp_delayed as ndd
+from . import amqp_failures as failures
 from .amqp_link import Link
 from .amqp_messages import describe_error, from_amqp, to_amqp
 from .amqp_topology import Topology
@@ -145,6 +152,7 @@ class AMQPTransport(Transport):
         self._level_queue_type = str(
             opts.get("delayed_delivery_queue_type", ndd.DEFAULT_LEVEL_QUEUE_TYPE)
         )
+        self._delivery_limit = int(opts.get("delivery_limit") or 0) or None
         if self._level_queue_type not in ("classic", "quorum"):
             raise ImproperlyConfigured("delayed_delivery_queue_type must be classic or quorum")
         self._link = Link(repr(self), {
@@ -155,7 +163,8 @@ class AMQPTransport(Transport):
         self._reset_state()
 
     def _reset_state(self) -> None:
-        self._topology = Topology(self._link, self._delay_mode, self._level_queue_type)
+        self._topology = Topology(self._link, self._delay_mode, self._level_queue_type,
+                                  self._delivery_limit)
         self._consumers: dict[str, str] = {}  # queue name -> consumer tag
         self._tag_queue: dict[str, str] = {}  # consumer tag -> queue name
         self._consumed: dict[str, Queue] = {}
@@ -292,7 +301,7 @@ class AMQPTransport(Transport):
             keep: collections.deque[Message] = collections.deque()
             for message in self._buffer:
                 if message.delivery_info.get("queue") == queue_name:
-                    self._link.sub.basic_reject(message.delivery_tag, requeue=True)
+                    self._link.give_back(message.delivery_tag)
                 else:
                     keep.append(message)
             self._buffer = keep
@@ -402,7 +411,24 @@ class AMQPTransport(Transport):
         link.require()
         self._release(message)
         with link.translate("rejecting a message", channel_lost=True):
-            link.sub.basic_reject(message.delivery_tag, requeue=requeue)
+            if requeue:  # not a failed delivery: RabbitMQ 4.3+ counts basic.reject
+                link.give_back(message.delivery_tag)
+            else:
+                link.sub.basic_reject(message.delivery_tag, requeue=False)
+
+    def requeue_failed(self, message: Message) -> None:
+        self._link.require()
+        self._release(message)
+        queue = self._topology.queues.get(str(message.delivery_info.get("queue")))
+        failures.requeue_failed(self._link, self.publish, message, queue)
+
+    def dead_letter(self, message: Message) -> str | None:
+        self._link.require()
+        self._release(message)
+        name = str(message.delivery_info.get("queue"))
+        route = self._topology.dead_letter_routes.get(name)
+        queue = self._topology.queues.get(name) or Queue(name)
+        return failures.dead_letter(self._link, self.publish, message, queue, route)
 
     def maintain(self) -> None:
         link = self._link

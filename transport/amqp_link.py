@@ -19,6 +19,7 @@ from typing import Any
 
 import amqp
 from amqp import exceptions as amqp_errors
+from amqp import spec
 
 from .amqp_io import may_have_frames, read_ahead
 from .amqp_messages import describe_error
@@ -88,6 +89,15 @@ class Link:
         self._last_tick = time.monotonic()
         beat = float(conn.heartbeat or 0)  # as negotiated with the broker
         self.slice = min(_WAIT_SLICE, beat / 4) if beat else _WAIT_SLICE
+
+    def give_back(self, delivery_tag: int) -> None:
+        """``basic.nack`` with requeue on the consuming channel (inside ``translate``).
+
+        Not ``basic.reject``: RabbitMQ 4.3+ counts a reject as a failed delivery (the
+        quorum queues' ``x-delivery-count``), a nack not. py-amqp has no ``basic_nack``;
+        the method frame (delivery tag, multiple, requeue) is sent as it defines it.
+        """
+        self.sub.send_method(spec.Basic.Nack, "Lbb", (delivery_tag, False, True))
 
     def close(self) -> None:
         """Close the connection with the handshake; errors are logged, not raised."""

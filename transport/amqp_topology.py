@@ -1,12 +1,12 @@
 """What one RabbitMQ connection declared, and where a delayed message can wait in the broker.
 
 ``Topology`` declares exchanges and queues once per connection (the transport makes a
-new one on each connect): queue arguments for quorum queues and priorities, the
-binding to the queue's exchange. It decides which destinations are delayed in the
-broker (the ``delayed_delivery`` option, see ``taskframe.transport.amqp``) and
-declares what they need of the delay ladder (``amqp_delayed``): the levels once, then
-the final-hop bindings of each delayable queue. Commands go on the link's publishing
-channel, inside ``Link.translate``.
+new one on each connect): queue arguments for quorum queues and priorities (and the
+delivery limit's, ``amqp_failures``), the binding to the queue's exchange. It decides
+which destinations are delayed in the broker (the ``delayed_delivery`` option, see
+``taskframe.transport.amqp``) and declares what they need of the delay ladder
+(``amqp_delayed``): the levels once, then the final-hop bindings of each delayable
+queue. Commands go on the link's publishing channel, inside ``Link.translate``.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from . import amqp_delayed as ndd
+from . import amqp_failures as failures
 from .amqp_link import Link
 from .entities import Exchange, Queue
 from .errors import PublishError
@@ -37,11 +38,17 @@ class Topology:
         link: the connection they are declared on.
         delay_mode: the ``delayed_delivery`` option: ``"auto"``, True or False.
         level_queue_type: the type of the ladder's level queues.
+        delivery_limit: the ``delivery_limit`` option (quorum queues' arguments).
     """
 
-    def __init__(self, link: Link, delay_mode: str | bool, level_queue_type: str) -> None:
+    def __init__(self, link: Link, delay_mode: str | bool, level_queue_type: str,
+                 delivery_limit: int | None = None) -> None:
         #: Queues declared on this connection, by name.
         self.queues: dict[str, Queue] = {}
+        #: Where RabbitMQ dead-letters the messages of each declared queue that has a
+        #: dead-letter exchange (``amqp_failures.dead_letter_route``).
+        self.dead_letter_routes: dict[str, str] = {}
+        self._delivery_limit = delivery_limit
         #: Exchanges declared on this connection.
         self.exchanges: set[str] = set()
         self._link = link
@@ -57,17 +64,20 @@ class Topology:
         if self.queues.get(queue.name) == queue:
             return
         exchange = queue.bound_exchange
-        pub = self._link.pub
-        with self._link.translate(f"declaring queue {queue.name!r}"):
-            if exchange.name:
+        if exchange.name:
+            with self._link.translate(f"declaring queue {queue.name!r}"):
                 self._declare_exchange(exchange)
-            pub.queue_declare(
-                queue=queue.name, durable=queue.durable, exclusive=queue.exclusive,
-                auto_delete=queue.auto_delete, arguments=_queue_arguments(queue),
-            )
-            if exchange.name:
-                pub.queue_bind(queue=queue.name, exchange=exchange.name,
-                               routing_key=queue.bound_routing_key)
+        arguments = _queue_arguments(queue)
+        extra = failures.limit_arguments(queue, self._delivery_limit)
+        if failures.declare_queue(self._link, queue, arguments, extra):
+            arguments.update(extra)
+        route = failures.dead_letter_route(queue.name, arguments)
+        if route is not None:
+            self.dead_letter_routes[queue.name] = route
+        if exchange.name:
+            with self._link.translate(f"declaring queue {queue.name!r}"):
+                self._link.pub.queue_bind(queue=queue.name, exchange=exchange.name,
+                                          routing_key=queue.bound_routing_key)
         self.queues[queue.name] = queue
         if self.delays(queue):
             self._bind_delayed(ndd.destination_bindings(queue))

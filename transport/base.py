@@ -15,6 +15,8 @@ The interface is small on purpose and fits AMQP, Redis and SQL alike:
   may be held unacknowledged at once.
 * ``poll``: wait up to ``timeout`` seconds and return the messages received.
 * ``ack`` / ``reject``: settle a received message.
+* ``requeue_failed`` / ``dead_letter`` (optional, with defaults): give a message
+  back counting a failed delivery, or set it aside for good (the delivery limit).
 * ``maintain``: periodic upkeep called from the consumer loop (AMQP heartbeats,
   keeping claims of held messages fresh, moving due delayed messages).
 * ``purge`` / ``queue_size``: administration.
@@ -37,6 +39,18 @@ Semantics every transport keeps:
   what kombu and Celery mean there: a lower number is consumed first).
 * No client-library exception escapes: everything is translated into
   ``taskframe.transport.errors``.
+
+Failed deliveries (what a delivery limit counts): ``Message.delivery_count`` is
+1 on a first delivery, plus one for each earlier delivery of the message that
+ended without being settled: its holder died (AMQP: the channel closed with it
+unacknowledged; Redis: restored after the visibility timeout; SQL: its claim
+expired) or gave it back with ``requeue_failed`` (the process running it died).
+A plain requeue (``reject(requeue=True)``) and the give-back of ``close()`` are
+not counted, where the broker can tell them apart: each transport's docstring
+says what its count includes. A copy published again (a deferred ETA) starts
+over at 1. ``dead_letter`` keeps a message in the queue ``<queue>.dead``
+(``dead_letter_queue``), where nobody consumes it unless asked to, with its
+count started over, so that moving it back runs it again.
 """
 
 from __future__ import annotations
@@ -46,11 +60,11 @@ from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
-from .entities import Exchange, Queue
+from .entities import Exchange, Queue, dead_letter_queue
 from .errors import MessageStateError
 from .serialization import decode_body
 
-__all__ = ["Envelope", "Message", "MessageState", "Transport"]
+__all__ = ["Envelope", "Message", "MessageState", "Transport", "dead_letter_queue"]
 
 
 @dataclass
@@ -89,7 +103,8 @@ class Message:
         properties: AMQP-style properties (``correlation_id``, ``reply_to``,
             ``priority``, ...).
         delivery_info: ``exchange``, ``routing_key``, ``priority``,
-            ``redelivered`` and ``queue`` as the broker reported them.
+            ``redelivered`` and ``queue`` as the broker reported them, and
+            ``delivery_count`` where the transport counts (``delivery_count``).
         delivery_tag: the transport's handle for settling this message.
     """
 
@@ -147,6 +162,39 @@ class Message:
     def requeue(self) -> None:
         """Give the message back to its queue for another consumer."""
         self.reject(requeue=True)
+
+    def requeue_failed(self) -> None:
+        """Give the message back, counting this delivery as failed (``delivery_count``).
+
+        For a delivery whose run was lost with the process running it (a pool child
+        that died): a plain ``requeue()`` is not counted.
+        """
+        self._check_unsettled()
+        self.transport.requeue_failed(self)
+        self.state = MessageState.REQUEUED
+
+    def dead_letter(self) -> str | None:
+        """Settle the message for good, kept aside: return where it went (None: dropped).
+
+        The transport moves it to ``<queue>.dead`` (RabbitMQ: the queue's dead-letter
+        exchange when it has one), where it waits with its count started over.
+        """
+        self._check_unsettled()
+        where = self.transport.dead_letter(self)
+        self.state = MessageState.REJECTED
+        return where
+
+    @property
+    def delivery_count(self) -> int:
+        """This delivery and the earlier ones that ended without a settle (1 the first time).
+
+        See "Failed deliveries" in ``taskframe.transport.base``; a transport that does
+        not count reports 1.
+        """
+        try:
+            return max(1, int(self.delivery_info.get("delivery_count") or 1))
+        except (TypeError, ValueError):
+            return 1
 
     def decode(self, accept: Collection[str] | None = None) -> Any:
         """The body, decompressed and deserialized.
@@ -320,7 +368,27 @@ class Transport(abc.ABC):
 
     @abc.abstractmethod
     def reject(self, message: Message, *, requeue: bool) -> None:
-        """Give a held message back (``requeue``) or drop it. Use ``Message.reject()``."""
+        """Give a held message back (``requeue``) or drop it. Use ``Message.reject()``.
+
+        A requeue is not a failed delivery: ``delivery_count`` does not grow.
+        """
+
+    def requeue_failed(self, message: Message) -> None:
+        """Give a held message back, its delivery counted as failed (``Message.requeue_failed``).
+
+        The default is a plain requeue: a transport that counts failed deliveries
+        overrides it.
+        """
+        self.reject(message, requeue=True)
+
+    def dead_letter(self, message: Message) -> str | None:
+        """Settle a held message, kept in its dead-letter queue; return where it went.
+
+        Use ``Message.dead_letter()``. The default drops it (``reject``) and returns
+        None: a transport that can keep it overrides this.
+        """
+        self.reject(message, requeue=False)
+        return None
 
     @property
     def maintain_interval(self) -> float:

@@ -11,7 +11,10 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-__all__ = ["Exchange", "Queue", "QueueType"]
+__all__ = ["DEAD_LETTER_SUFFIX", "Exchange", "Queue", "QueueType", "dead_letter_queue"]
+
+#: The dead-letter queue of queue ``Q`` is ``Q`` + this suffix (every transport).
+DEAD_LETTER_SUFFIX = ".dead"
 
 QueueType = Literal["classic", "quorum"]
 ExchangeType = Literal["direct", "topic", "fanout", "headers"]
@@ -78,3 +81,8 @@ class Queue:
         if exchange.type == "direct":
             return "", self.name
         return exchange.name, self.bound_routing_key
+
+
+def dead_letter_queue(name: str) -> str:
+    """The queue where messages of queue ``name`` over their delivery limit are kept."""
+    return name + DEAD_LETTER_SUFFIX

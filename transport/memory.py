@@ -4,6 +4,8 @@ Features: default-exchange delivery, direct/topic/fanout exchanges with
 bindings, priorities (higher first, then publish order), delayed messages
 (``supports_delay``), a prefetch bound, requeue on ``reject(requeue=True)``,
 on ``close()`` and when a transport is garbage-collected while holding messages.
+Failed deliveries: only ``requeue_failed`` counts (a holder here cannot die
+without the broker); ``dead_letter`` moves a message to ``<queue>.dead``.
 Thread-safe: transports in different threads share one broker.
 
 URL: ``memory://`` or ``memory://NAME``. Every transport whose URL has the same
@@ -27,7 +29,7 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 from .base import Envelope, Message, Transport
-from .entities import Exchange, Queue
+from .entities import Exchange, Queue, dead_letter_queue
 from .errors import BrokerConnectionError, MessageStateError
 from .routing import Binding, check_exchange_type, route
 from .url import parse_url
@@ -49,6 +51,7 @@ class _Stored:
     priority: int
     seq: int
     delivery_count: int = 0
+    failed: int = 0  # deliveries given back with requeue_failed
 
 
 @dataclass
@@ -142,12 +145,17 @@ class _Broker:
         state = self.queues.get(name)
         return state is not None and bool(state.delayed)
 
-    def settle(self, owner: str, tag: int, requeue: bool) -> None:
+    def settle(self, owner: str, tag: int, requeue: bool, *, failed: bool = False,
+               dead: bool = False) -> None:
         with self.cond:
             stored = self.held.get(owner, {}).pop(tag, None)
             if stored is None:
                 raise MessageStateError(f"delivery tag {tag} is not held by this transport")
-            if requeue:
+            if dead:
+                stored.queue, stored.failed = dead_letter_queue(stored.queue), 0
+                self.queue(stored.queue).push(stored)
+            elif requeue:
+                stored.failed += int(failed)
                 self.queue(stored.queue).push(stored)
                 self.cond.notify_all()
 
@@ -302,6 +310,7 @@ class MemoryTransport(Transport):
                 "priority": stored.priority,
                 "redelivered": stored.delivery_count > 1,
                 "queue": stored.queue,
+                "delivery_count": stored.failed + 1,
             },
         )
 
@@ -310,6 +319,13 @@ class MemoryTransport(Transport):
 
     def reject(self, message: Message, *, requeue: bool) -> None:
         self._require().settle(self._owner, message.delivery_tag, requeue=requeue)
+
+    def requeue_failed(self, message: Message) -> None:
+        self._require().settle(self._owner, message.delivery_tag, requeue=True, failed=True)
+
+    def dead_letter(self, message: Message) -> str | None:
+        self._require().settle(self._owner, message.delivery_tag, requeue=False, dead=True)
+        return dead_letter_queue(str(message.delivery_info.get("queue")))
 
     # -- administration ---------------------------------------------------------------------
 

@@ -37,6 +37,10 @@ Features:
       (``keeps_deliveries``): after ``drop()`` (a failed link) the held messages
       stay held; the acks, rejects and requeues that could not be written wait
       and ``connect()`` writes them, then renews every claim (``Claims.resume``).
+    * Failed deliveries (``Message.delivery_count``): the envelope property
+      ``x-taskframe-failed-deliveries`` (kombu ignores it) counts our restores of
+      expired messages and ``requeue_failed``, not a requeue, ``close()`` or a kombu
+      restore. ``dead_letter`` pushes to queue ``<queue>.dead`` (count dropped).
     * ``publish(delay=...)`` (``supports_delay``): one sorted set
       ``taskframe.delayed`` scored by due time; due messages move to their list
       in a Lua script (ZREM decides, so each moves once), from ``maintain()``
@@ -99,7 +103,7 @@ from redis.commands.core import Script
 from . import redis_scripts as lua
 from . import redis_upkeep as upkeep
 from .base import Envelope, Message, Transport
-from .entities import Exchange, Queue
+from .entities import Exchange, Queue, dead_letter_queue
 from .errors import BrokerConnectionError, ImproperlyConfigured, TransportError
 from .redis_bindings import Bindings
 from .redis_claims import Claims
@@ -416,6 +420,20 @@ class RedisTransport(Transport):
             self._claims.requeue(self._client, self._scripts["requeue"], tag)
         else:
             self._claims.forget(self._client, tag, "reject")
+
+    def requeue_failed(self, message: Message) -> None:
+        tag = str(message.delivery_tag)
+        if tag in self._claims.held:
+            self._claims.requeue(self._client, self._scripts["requeue"], tag, how="failed")
+
+    def dead_letter(self, message: Message) -> str | None:
+        tag = str(message.delivery_tag)
+        if tag not in self._claims.held:
+            return None  # a fanout message: nothing is held
+        dead = dead_letter_queue(str(message.delivery_info.get("queue")))
+        self._claims.requeue(self._client, self._scripts["requeue"], tag, how="dead",
+                             dead=self._layout.key(dead))
+        return dead
 
     # -- upkeep ---------------------------------------------------------------------------
 

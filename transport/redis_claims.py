@@ -33,7 +33,7 @@ from redis.commands.core import Script
 from . import redis_upkeep as upkeep
 from .base import Message, MessageState
 from .errors import ConnectionLost, TransportError
-from .redis_layout import KeyLayout, mark_redelivered, text, translate_errors
+from .redis_layout import KeyLayout, mark_dead, mark_redelivered, text, translate_errors
 
 __all__ = ["Claims"]
 
@@ -58,6 +58,8 @@ class Claims:
         self.acks_due: list[str] = []
         #: Tags requeued while the link was down -> their list; ``resume`` requeues them.
         self.requeues_due: dict[str, str] = {}
+        #: Of those, the ones requeued otherwise than plainly -> how (``requeue``'s ``how``).
+        self.how_due: dict[str, str] = {}
         #: Claim times (as sent) of claims whose reply was lost; ``resume`` gives back what
         #: they took.
         self.unsure_claims: list[str] = []
@@ -165,18 +167,25 @@ class Claims:
         if not removed:
             self.warn_lost(action, tag)
 
-    def requeue(self, client: redis.Redis | None, script: Script, tag: str) -> None:
+    def requeue(self, client: redis.Redis | None, script: Script, tag: str, *,
+                how: str = "requeue", dead: str | None = None) -> None:
         """Put held message ``tag`` back at the back of the list it came from, once.
 
-        If the link is down the requeue waits in ``requeues_due`` for ``resume``.
+        ``how``: ``"failed"`` counts its delivery as failed; ``"dead"`` pushes it to list
+        ``dead`` (a dead-letter queue) instead, its failed deliveries dropped. If the
+        link is down the requeue waits in ``requeues_due`` for ``resume``.
         """
         key = self.held.pop(tag)
+        if dead is not None:
+            key = dead
         try:
             if client is None:
                 raise ConnectionLost("not connected")
-            done = self._requeue(client, script, tag, key)
+            done = self._requeue(client, script, tag, key, how)
         except TransportError as exc:
             self.requeues_due[tag] = key
+            if how != "requeue":
+                self.how_due[tag] = how
             if not isinstance(exc, ConnectionLost):
                 raise
             logger.info("%s: requeue of message %s waits for the link (%s)", self._owner, tag,
@@ -185,14 +194,15 @@ class Claims:
         if not done:
             self.warn_lost("requeue", tag)
 
-    def _requeue(self, client: redis.Redis, script: Script, tag: str, key: str) -> int:
+    def _requeue(self, client: redis.Redis, script: Script, tag: str, key: str,
+                 how: str = "requeue") -> int:
         with translate_errors(f"requeue of message {tag}"):
             value = client.hget(self._unacked, tag)
             if value is None:
                 return 0
-            raw = upkeep.stored_envelope(text(value))
+            raw = _marked(upkeep.stored_envelope(text(value)), how)
             return int(script(keys=[self._unacked, self._index, key],
-                              args=[tag, mark_redelivered(raw), "LPUSH"], client=client))
+                              args=[tag, raw, "LPUSH"], client=client))
 
     def resume(self, client: redis.Redis, scripts: Mapping[str, Script],
                exchange_types: Mapping[str, str]) -> None:
@@ -202,7 +212,8 @@ class Claims:
         visibility timeout, is logged)."""
         self.send_acks(client)
         for tag, key in list(self.requeues_due.items()):
-            if not self._requeue(client, scripts["requeue"], tag, key):
+            if not self._requeue(client, scripts["requeue"], tag, key,
+                                 self.how_due.pop(tag, "requeue")):
                 self.warn_lost("requeue", tag)
             del self.requeues_due[tag]
         while self.unsure_claims:
@@ -262,10 +273,10 @@ class Claims:
             for (tag, key), value in zip(held.items(), values, strict=True):
                 if value is None:
                     continue
-                raw = upkeep.stored_envelope(text(value))
+                raw = _marked(upkeep.stored_envelope(text(value)), self.how_due.pop(tag, "requeue"))
                 script(
                     keys=[self._unacked, self._index, key],
-                    args=[tag, mark_redelivered(raw), "RPUSH"], client=client,
+                    args=[tag, raw, "RPUSH"], client=client,
                 )
 
     def abandon(self) -> None:
@@ -277,7 +288,7 @@ class Claims:
                 "%s: closed while the broker was unreachable: %d held message(s) and settles "
                 "could not be written; they come back after the visibility timeout (%.0f s)",
                 self._owner, waiting, self._visibility_timeout)
-        self.held, self.requeues_due, self.acks_due = {}, {}, []
+        self.held, self.requeues_due, self.acks_due, self.how_due = {}, {}, [], {}
         self.unsure_claims, self._maybe_acked = [], set()
 
     def warn_lost(self, action: str, tag: str) -> None:
@@ -287,3 +298,11 @@ class Claims:
             "timeout of %.1f s?); another consumer may run it again",
             self._owner, action, tag, self._visibility_timeout,
         )
+
+
+def _marked(raw: str, how: str) -> str:
+    """The envelope ``raw`` as it goes back: redelivered, one more failed delivery
+    (``failed``), or with its failed deliveries dropped (``dead``: a dead-letter queue)."""
+    if how == "dead":
+        return mark_dead(raw)
+    return mark_redelivered(raw, failed=how == "failed")

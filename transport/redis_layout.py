@@ -43,6 +43,7 @@ __all__ = [
     "DEFAULT_PRIORITY_STEPS",
     "DEFAULT_SEP",
     "DELAYED_KEY",
+    "FAILED_DELIVERIES",
     "FANOUT_PREFIX",
     "UNACKED_INDEX_KEY",
     "UNACKED_KEY",
@@ -53,6 +54,7 @@ __all__ = [
     "database_number",
     "decode_envelope",
     "encode_envelope",
+    "mark_dead",
     "mark_redelivered",
     "ordered",
     "queue_expires",
@@ -81,10 +83,13 @@ FANOUT_PREFIX = "/{db}."
 #: Separator inside binding members and before a priority step in list keys (kombu).
 DEFAULT_SEP = "\x06\x16"
 DEFAULT_PRIORITY_STEPS = (0, 3, 6, 9)
+#: taskframe only: an envelope property, the failed deliveries of the message so far (an
+#: int; kombu and Celery carry unknown properties along and ignore them).
+FAILED_DELIVERIES = "x-taskframe-failed-deliveries"
 # -----------------------------------------------------------------------------------------------
 
 #: Properties the transport writes into an envelope; not the publisher's.
-TRANSPORT_PROPERTIES = ("delivery_info", "body_encoding", "delivery_tag")
+TRANSPORT_PROPERTIES = ("delivery_info", "body_encoding", "delivery_tag", FAILED_DELIVERIES)
 _MAX_PRIORITY = 9
 _TOPIC_WILDCARDS = {"*": r"[^\.]+", "#": r".*?"}
 
@@ -189,6 +194,7 @@ class Decoded:
     priority: int
     redelivered: bool
     tag: str | None
+    failed: int = 0
 
 
 def decode_envelope(raw: str | bytes) -> Decoded:
@@ -228,17 +234,41 @@ def decode_envelope(raw: str | bytes) -> Decoded:
         priority=priority,
         redelivered=bool(info.get("redelivered") or headers.get("redelivered")),
         tag=tag if isinstance(tag, str) else None,
+        failed=_count(props.get(FAILED_DELIVERIES)),
     )
 
 
-def mark_redelivered(raw: str) -> str:
-    """``raw`` with kombu's redelivered flags set (header and delivery_info), or as is."""
+def _count(value: Any) -> int:
+    try:
+        return max(0, int(value or 0))
+    except (TypeError, ValueError):
+        return 0
+
+
+def mark_redelivered(raw: str, *, failed: bool = False) -> str:
+    """``raw`` with kombu's redelivered flags set (header and delivery_info), or as is.
+
+    ``failed``: one more failed delivery in the ``FAILED_DELIVERIES`` property.
+    """
     try:
         data = json.loads(raw)
         data["headers"]["redelivered"] = True
         data["properties"]["delivery_info"]["redelivered"] = True
+        if failed:
+            props = data["properties"]
+            props[FAILED_DELIVERIES] = _count(props.get(FAILED_DELIVERIES)) + 1
         return json.dumps(data)
     except (ValueError, KeyError, TypeError):
+        return raw
+
+
+def mark_dead(raw: str) -> str:
+    """``raw`` for a dead-letter queue: its failed deliveries dropped (moved back, it runs)."""
+    try:
+        data = json.loads(raw)
+        data["properties"].pop(FAILED_DELIVERIES, None)
+        return json.dumps(data)
+    except (ValueError, KeyError, TypeError, AttributeError):
         return raw
 
 

@@ -34,14 +34,15 @@ def list_message(transport: Transport, tag: str, raw: str, queue: str) -> Messag
         return Message(transport, body=raw.encode("utf-8"), delivery_tag=tag,
                        content_type=CONTENT_INVALID, content_encoding="binary",
                        delivery_info={"exchange": "", "routing_key": queue, "priority": 0,
-                                      "redelivered": False, "queue": queue})
+                                      "redelivered": False, "queue": queue,
+                                      "delivery_count": 1})
     return Message(
         transport, body=env.body, delivery_tag=tag, content_type=env.content_type,
         content_encoding=env.content_encoding, headers=env.headers,
         properties=env.properties,
         delivery_info={"exchange": env.exchange, "routing_key": env.routing_key,
                        "priority": env.priority, "redelivered": env.redelivered,
-                       "queue": queue},
+                       "queue": queue, "delivery_count": env.failed + 1},
     )
 
 

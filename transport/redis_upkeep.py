@@ -113,7 +113,7 @@ def _restore_batch(client: redis.Redis, layout: KeyLayout, scripts: Mapping[str,
                          "any more); dropping it: %.2000s", tag, old)
         done = scripts["restore"](
             keys=[layout.key(layout.unacked), layout.key(layout.unacked_index), *keys],
-            args=[tag, old, ceiling, mark_redelivered(raw)], client=client,
+            args=[tag, old, ceiling, mark_redelivered(raw, failed=True)], client=client,
         )
         if done:
             restored += 1

@@ -17,6 +17,10 @@ Features:
       The claims belong to the transport object, not to a database connection
       (``keeps_deliveries``): after ``drop()`` and ``connect()`` they are still
       held, and settles that could not be written are written then.
+    * Failed deliveries (``Message.delivery_count``): the ``failed_deliveries``
+      column; a claim that expired and a ``requeue_failed`` count, a requeue or the
+      release on close do not (``sql_claims``). ``dead_letter`` moves the row to
+      the queue ``<queue>.dead``, where it stays until someone consumes or moves it.
     * ``ack`` deletes the row only if it still carries this transport's claim
       token (a warning is logged when the claim was lost, as the message may
       then run twice). On PostgreSQL acks commit with ``synchronous_commit
@@ -56,7 +60,7 @@ from typing import Any, ClassVar
 import sqlalchemy as sa
 
 from .base import Envelope, Message, Transport
-from .entities import Exchange, Queue
+from .entities import Exchange, Queue, dead_letter_queue
 from .errors import BrokerConnectionError, TransportError
 from .routing import Binding, check_exchange_type, route
 from .serialization import json_dumps, json_loads
@@ -318,6 +322,8 @@ class SQLTransport(Transport):
                 "priority": row.priority,
                 "redelivered": delivery_count > 1,
                 "queue": row.queue,
+                "delivery_count": row.failed_deliveries + 1 + int(
+                    bool(extra_deliveries) and row.claim is not None),  # read before the claim
             },
         )
 
@@ -344,6 +350,16 @@ class SQLTransport(Transport):
     def reject(self, message: Message, *, requeue: bool) -> None:
         self._claims.settle(message.delivery_tag, delete=not requeue,
                             action="requeue" if requeue else "reject")
+
+    def requeue_failed(self, message: Message) -> None:
+        self._claims.settle(message.delivery_tag, delete=False, action="requeue",
+                            release=self._claims.released(failed=True))
+
+    def dead_letter(self, message: Message) -> str | None:
+        queue = str(message.delivery_info.get("queue"))
+        self._claims.settle(message.delivery_tag, delete=False, action="dead-letter",
+                            release=self._claims.released(dead=queue))
+        return dead_letter_queue(queue)
 
     def maintain(self) -> None:
         """Refresh the claims of every held message (call at least every visibility_timeout/4).

@@ -15,6 +15,12 @@ a settle that cannot be written because the database is unreachable waits in
 renews every claim at once. Before, a reconnect made a new transport with a new token:
 the rows the old one held stayed claimed by nobody until the visibility timeout and then
 ran again, the running tasks' too.
+
+``failed_deliveries`` counts the failed deliveries of ``Message.delivery_count``
+(``delivery_count`` counts every claim, for ``redelivered``): a claim of a row that
+still carries another claim (it expired: its holder died) adds one, and so does
+``requeue_failed``; a requeue or the release on close leave it (they clear the
+claim). A dead-lettered row moves to ``<queue>.dead``, unclaimed, its count reset.
 """
 
 from __future__ import annotations
@@ -28,6 +34,7 @@ from typing import Any
 import sqlalchemy as sa
 
 from .base import Message, MessageState
+from .entities import dead_letter_queue
 from .errors import BrokerConnectionError, TransportError
 from .sql_database import Database
 from .sql_schema import Tables
@@ -63,8 +70,9 @@ class Claims:
         #: Ids of the rows handed out and not settled yet (the transport adds them).
         self.held: set[int] = set()
         #: Settles that could not be written (the database was unreachable): row id ->
-        #: delete it (ack, reject) or release it (requeue). ``resume`` writes them.
-        self.settles_due: dict[int, bool] = {}
+        #: None to delete it (ack, reject), else the values that release it (requeue,
+        #: dead-letter: ``released``). ``resume`` writes them.
+        self.settles_due: dict[int, dict[str, Any] | None] = {}
         self._db = db
         self._messages = tables.messages
         self._visibility_timeout = visibility_timeout
@@ -86,23 +94,27 @@ class Claims:
             .limit(limit)
             .with_for_update(skip_locked=True)
         )
-        values = {
-            "claim": self.token,
-            "claimed_until": now + self._visibility_timeout,
-            "delivery_count": messages.c.delivery_count + 1,
-        }
-        columns = [c for c in messages.c if c.name not in ("claim", "claimed_until")]
+        # failed_deliveries first: MySQL evaluates SET left to right, with the new claim.
+        values = [
+            ("failed_deliveries", messages.c.failed_deliveries
+             + sa.case((messages.c.claim.is_not(None), 1), else_=0)),
+            ("claim", self.token),
+            ("claimed_until", now + self._visibility_timeout),
+            ("delivery_count", messages.c.delivery_count + 1),
+        ]
+        columns = [c for c in messages.c if c.name != "claimed_until"]
         returning = self._db.require().dialect.update_returning
 
         def claim(conn: sa.Connection) -> list[sa.Row[Any]]:
             if returning:
-                update = sa.update(messages).where(messages.c.id.in_(pick)).values(**values)
-                return list(conn.execute(update.returning(*columns)))
+                update = sa.update(messages).where(messages.c.id.in_(pick))
+                return list(conn.execute(update.ordered_values(*values).returning(*columns)))
             # No UPDATE ... RETURNING: lock the rows, then mark them, in one transaction.
             rows = list(conn.execute(pick.with_only_columns(*columns)))
             if rows:
                 ids = [row.id for row in rows]
-                conn.execute(sa.update(messages).where(messages.c.id.in_(ids)).values(**values))
+                conn.execute(sa.update(messages).where(messages.c.id.in_(ids))
+                             .ordered_values(*values))
             return rows
 
         rows = self._db.run("claiming messages", claim)
@@ -110,17 +122,20 @@ class Claims:
         rows.sort(key=lambda row: (-row.priority, row.due_at, row.id))
         return rows, 0 if returning else 1
 
-    def settle(self, tag: int, *, delete: bool, action: str) -> None:
+    def settle(self, tag: int, *, delete: bool, action: str,
+               release: dict[str, Any] | None = None) -> None:
         """Delete held row ``tag`` (ack, reject) or release it to its queue (requeue).
 
-        If the database is unreachable the settle waits in ``settles_due`` for ``resume``
-        (the message counts as settled).
+        ``release``: the values of the release (default ``released()``). If the database
+        is unreachable the settle waits in ``settles_due`` for ``resume`` (the message
+        counts as settled).
         """
         self.held.discard(tag)
+        values = None if delete else (release or self.released())
         try:
-            count = self._write(tag, delete=delete, action=action)
+            count = self._write(tag, values, action=action)
         except TransportError as exc:
-            self.settles_due[tag] = delete
+            self.settles_due[tag] = values
             if not isinstance(exc, BrokerConnectionError):
                 raise
             logger.info("%s: %s of message %s waits for the database (%s)", self._owner,
@@ -129,17 +144,30 @@ class Claims:
         if count == 0:
             self._warn_lost(action, tag)
 
-    def _write(self, tag: int, *, delete: bool, action: str) -> int:
+    def released(self, *, failed: bool = False, dead: str | None = None) -> dict[str, Any]:
+        """The values that release a held row: back to its queue, or dead-lettered.
+
+        ``failed``: one more failed delivery. ``dead``: the row's queue; the row moves to
+        that queue's dead-letter queue, its failed deliveries reset.
+        """
+        values: dict[str, Any] = {"claim": None, "claimed_until": None}
+        if dead is not None:
+            values.update(queue=dead_letter_queue(dead), failed_deliveries=0)
+        elif failed:
+            values["failed_deliveries"] = self._messages.c.failed_deliveries + 1
+        return values
+
+    def _write(self, tag: int, values: dict[str, Any] | None, *, action: str) -> int:
         messages = self._messages
         ours = sa.and_(messages.c.id == tag, messages.c.claim == self.token)
 
         def settle(conn: sa.Connection) -> int:
-            if delete:
+            if values is None:
                 if self._db.postgres:
                     # Losing this commit in a server crash only means a redelivery.
                     conn.execute(sa.text("SET LOCAL synchronous_commit = off"))
                 return int(conn.execute(sa.delete(messages).where(ours)).rowcount)
-            update = sa.update(messages).where(ours).values(claim=None, claimed_until=None)
+            update = sa.update(messages).where(ours).values(**values)
             count = int(conn.execute(update).rowcount)
             self._db.notify(conn)
             return count
@@ -171,7 +199,7 @@ class Claims:
         except BrokerConnectionError as exc:
             logger.info("%s: ack of %d messages waits for the database (%s)", self._owner,
                         len(tags), exc)
-            self.settles_due.update(dict.fromkeys(tags, True))
+            self.settles_due.update(dict.fromkeys(tags))
             count = len(tags)
         for message in messages:
             self.held.discard(message.delivery_tag)
@@ -187,9 +215,9 @@ class Claims:
         """After connecting again: write the settles that waited, release the rows a claim
         whose reply was lost took (they carry our token, unknown to us: the refresh would
         keep them claimed for as long as we live), renew every claim now."""
-        for tag, delete in list(self.settles_due.items()):
-            action = "ack" if delete else "requeue"
-            if not self._write(tag, delete=delete, action=action):
+        for tag, values in list(self.settles_due.items()):
+            action = "ack" if values is None else "requeue"
+            if not self._write(tag, values, action=action):
                 self._warn_lost(action, tag)
             del self.settles_due[tag]
         released = self._db.run("releasing rows of a claim with a lost reply",

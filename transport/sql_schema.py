@@ -80,6 +80,9 @@ class Tables:
             sa.Column("claim", sa.String(32), nullable=True),
             sa.Column("claimed_until", sa.Double, nullable=True),
             sa.Column("delivery_count", sa.Integer, nullable=False, default=0),
+            # Newer than the table: an older table gets it at open (ADDED_COLUMNS).
+            sa.Column("failed_deliveries", sa.Integer, nullable=False, default=0,
+                      server_default="0"),
             sa.Column("body", _BODY_TYPE, nullable=False),
             sa.Column("content_type", sa.String(128), nullable=False),
             sa.Column("content_encoding", sa.String(64), nullable=False),
@@ -192,13 +195,38 @@ def _sqlite_on_begin(connection: sa.Connection) -> None:
 
 
 def create_tables(engine: sa.Engine, tables: Tables) -> None:
-    """Create the tables and indexes that are missing (safe against concurrent callers)."""
+    """Create the tables, indexes and columns that are missing (safe against concurrent
+    callers)."""
     with engine.begin() as conn:
         if engine.dialect.name == "postgresql":
             # Two processes creating the same table race on the catalog; serialize them.
             key = zlib.crc32(tables.prefix.encode("utf-8")) & 0x7FFFFFFF
             conn.execute(sa.select(sa.func.pg_advisory_xact_lock(key)))
         tables.metadata.create_all(conn, checkfirst=True)
+    _add_columns(engine, tables.messages)
+
+
+#: Columns of the messages table newer than the table itself: name -> DDL of its type.
+ADDED_COLUMNS = {"failed_deliveries": "INTEGER DEFAULT 0 NOT NULL"}
+
+
+def _add_columns(engine: sa.Engine, table: sa.Table) -> None:
+    """Add the ``ADDED_COLUMNS`` an older table lacks (its other workers go on as before)."""
+    missing = [name for name in ADDED_COLUMNS if name not in _columns(engine, table)]
+    for name in missing:
+        quoted = engine.dialect.identifier_preparer.quote(table.name)
+        try:
+            with engine.begin() as conn:
+                conn.execute(sa.text(f"ALTER TABLE {quoted} ADD COLUMN {name} "
+                                     f"{ADDED_COLUMNS[name]}"))
+        except sa_exc.DBAPIError:
+            if name not in _columns(engine, table):  # else another process added it first
+                raise
+
+
+def _columns(engine: sa.Engine, table: sa.Table) -> set[str]:
+    with engine.connect() as conn:
+        return {column["name"] for column in sa.inspect(conn).get_columns(table.name)}
 
 
 @contextlib.contextmanager

@@ -127,7 +127,7 @@ def test_publish_poll_ack(rabbit: Rabbit) -> None:
     assert first.delivery_info == {
         "exchange": "", "routing_key": q.name, "redelivered": False, "priority": 3,
         "queue": q.name, "consumer_tag": first.delivery_info["consumer_tag"],
-        "delayed_routing_key": None,
+        "delayed_routing_key": None, "delivery_count": 1,
     }
     assert second.delivery_info["exchange"] == q.name
     first.ack()
@@ -469,3 +469,109 @@ def test_delays_only_go_where_a_binding_brings_them_back(rabbit: Rabbit) -> None
     for m in got:
         assert m.delivery_info["exchange"].startswith("celery_delayed_")
         m.ack()
+
+
+# -- failed deliveries and dead letters (amqp_failures) --------------------------------------
+
+
+def _dead(rabbit: Rabbit, q: Queue) -> str:
+    name = f"{q.name}.dead"
+    rabbit.queues.append(name)
+    return name
+
+
+def test_quorum_queues_count_failed_deliveries_themselves(rabbit: Rabbit) -> None:
+    q = rabbit.queue(queue_type="quorum")
+    dead = _dead(rabbit, q)
+    holder = rabbit.make()
+    holder.declare(q)
+    holder.publish(env(1), exchange="", routing_key=q.name)
+    holder.consume([q])
+    (message,) = poll_until(holder, 1)
+    assert message.delivery_count == 1
+    message.requeue_failed()  # basic.reject: RabbitMQ counts it
+    (message,) = poll_until(holder, 1)
+    assert message.delivery_count == 2 and message.headers["x-delivery-count"] == 1
+    holder.close()  # a holder that goes away with it unacked: counted too
+    other = rabbit.make()
+    other.consume([q])
+    (message,) = poll_until(other, 1)
+    assert message.delivery_count == 3
+    # No dead-letter exchange on the queue: a copy goes to <queue>.dead, then the ack.
+    assert message.dead_letter() == dead
+    wait_for(lambda: other.queue_size(dead) == 1, "the copy in the dead-letter queue")
+    assert other.queue_size(q.name) == 0
+    keeper = rabbit.make()
+    keeper.consume([Queue(dead, queue_type="quorum")])
+    (kept,) = poll_until(keeper, 1)
+    assert kept.headers["n"] == 1 and kept.delivery_count == 1  # a new message there
+    kept.ack()
+
+
+def test_classic_queues_carry_our_count_in_a_copy(rabbit: Rabbit) -> None:
+    q = rabbit.queue()
+    dead = _dead(rabbit, q)
+    t = rabbit.make()
+    t.declare(q)
+    t.publish(env(2), exchange="", routing_key=q.name)
+    t.consume([q])
+    (message,) = poll_until(t, 1)
+    message.requeue_failed()  # a copy with our header, then the ack
+    (message,) = poll_until(t, 1)
+    assert message.delivery_count == 2
+    assert message.headers == {"n": 2}  # the count is not one of the task's headers
+    message.reject(requeue=True)  # basic.nack: not counted
+    (message,) = poll_until(t, 1)
+    assert message.delivery_count == 2
+    message.requeue_failed()
+    (message,) = poll_until(t, 1)
+    assert message.delivery_count == 3
+    assert message.dead_letter() == dead
+    wait_for(lambda: t.queue_size(dead) == 1, "the copy in the dead-letter queue")
+    assert t.queue_size(q.name) == 0
+
+
+def test_delivery_limit_option_gives_quorum_queues_rabbitmqs_limit(
+        rabbit: Rabbit, caplog: pytest.LogCaptureFixture) -> None:
+    q = rabbit.queue(queue_type="quorum")
+    dead = _dead(rabbit, q)
+    t = rabbit.make(delivery_limit=2)
+    t.declare(q)
+    out = subprocess.run(["rabbitmqctl", "-q", "list_queues", "name", "arguments"],
+                         capture_output=True, text=True, timeout=60, check=True).stdout
+    line = next(row for row in out.splitlines() if row.startswith(q.name + "\t"))
+    assert "x-delivery-limit" in line and dead in line, line
+    t.publish(env(3), exchange="", routing_key=q.name)
+    t.consume([q])
+    for count in (1, 2, 3):  # RabbitMQ dead-letters it itself on the third return
+        (message,) = poll_until(t, 1)
+        assert message.delivery_count == count
+        message.requeue_failed()
+    wait_for(lambda: t.queue_size(dead) == 1, "RabbitMQ to dead-letter it")
+    assert t.queue_size(q.name) == 0
+    t.publish(env(4), exchange="", routing_key=q.name)
+    (message,) = poll_until(t, 1)
+    assert message.dead_letter() == dead  # basic.reject: its dead-letter route
+    wait_for(lambda: t.queue_size(dead) == 2, "the second dead letter")
+    # Declared again without the limit, or with another: used as it is, with a warning.
+    with caplog.at_level("WARNING", logger="taskframe.transport.amqp"):
+        rabbit.make().declare(q)
+        rabbit.make(delivery_limit=5).declare(q)
+    warnings = [r.getMessage() for r in caplog.records if "used as it is" in r.getMessage()]
+    assert len(warnings) == 2, caplog.text
+
+
+def test_an_existing_quorum_queue_without_the_limit_keeps_working(
+        rabbit: Rabbit, caplog: pytest.LogCaptureFixture) -> None:
+    q = rabbit.queue(queue_type="quorum")
+    dead = _dead(rabbit, q)
+    rabbit.make().declare(q)  # as Celery (or taskframe before the option) declared it
+    t = rabbit.make(delivery_limit=2)
+    with caplog.at_level("WARNING", logger="taskframe.transport.amqp"):
+        t.declare(q)
+    assert "PRECONDITION_FAILED" in caplog.text and "used as it is" in caplog.text
+    t.publish(env(5), exchange="", routing_key=q.name)  # the publishing channel works
+    t.consume([q])
+    (message,) = poll_until(t, 1)
+    assert message.dead_letter() == dead  # no dead-letter exchange: a copy
+    wait_for(lambda: t.queue_size(dead) == 1, "the copy in the dead-letter queue")

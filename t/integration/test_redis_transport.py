@@ -218,6 +218,58 @@ def test_reject_with_and_without_requeue(broker: Broker) -> None:
     assert broker.raw.hlen(broker.prefix + "unacked") == 0
 
 
+def test_failed_deliveries_ride_in_the_envelope(broker: Broker) -> None:
+    q = qname()
+    transport = broker.make()
+    transport.consume([Queue(q)])
+    transport.publish(envelope(1), exchange="", routing_key=q)
+    [message] = receive(transport, 1)
+    assert message.delivery_count == 1
+    message.requeue_failed()
+    raw = json.loads(broker.raw.lindex(broker.prefix + q, 0) or b"{}")
+    # A property kombu and Celery carry along and ignore; not among the message's own.
+    assert raw["properties"]["x-taskframe-failed-deliveries"] == 1
+    [message] = receive(transport, 1)
+    assert message.delivery_count == 2
+    assert "x-taskframe-failed-deliveries" not in message.properties
+    message.reject(requeue=True)  # a plain requeue keeps the count
+    [message] = receive(transport, 1)
+    assert message.delivery_count == 2
+    transport.close()  # and so does the give-back on close
+    again = broker.make()
+    again.consume([Queue(q)])
+    [message] = receive(again, 1)
+    assert message.delivery_count == 2
+    assert message.dead_letter() == f"{q}.dead"
+    assert broker.raw.hlen(broker.prefix + "unacked") == 0
+    # kombu's list of queue <q>.dead, the count dropped: consumed, it runs again.
+    raw = json.loads(broker.raw.lindex(broker.prefix + f"{q}.dead", 0) or b"{}")
+    assert raw["body"] == base64.b64encode(b"[1]").decode()
+    assert "x-taskframe-failed-deliveries" not in raw["properties"]
+    dead = broker.make()
+    dead.consume([Queue(f"{q}.dead")])
+    [kept] = receive(dead, 1)
+    assert kept.body == b"[1]" and kept.delivery_count == 1
+    kept.ack()
+
+
+def test_a_failed_delivery_or_dead_letter_waits_for_the_link(broker: Broker) -> None:
+    q = qname()
+    transport = broker.make()
+    transport.consume([Queue(q)])
+    for n in range(2):
+        transport.publish(envelope(n), exchange="", routing_key=q)
+    first, second = receive(transport, 2)
+    transport.drop()  # the link failed: both stay held, their settles wait
+    first.requeue_failed()
+    assert second.dead_letter() == f"{q}.dead"
+    transport.connect()  # written now, as they were asked
+    [again] = receive(transport, 1)
+    assert again.body == first.body and again.delivery_count == 2
+    again.ack()
+    assert transport.queue_size(f"{q}.dead") == 1
+
+
 def test_prefetch_bounds_held_messages(broker: Broker) -> None:
     q = qname()
     transport = broker.make()
@@ -359,6 +411,7 @@ def test_restore_after_visibility_timeout_when_the_holder_vanishes(broker: Broke
     [message] = got
     assert message.body == b"[5]"
     assert message.delivery_info["redelivered"] is True
+    assert message.delivery_count == 2  # its holder died: a failed delivery
     message.ack()
     assert broker.raw.hlen(broker.prefix + "unacked") == 0
 

@@ -262,6 +262,64 @@ def test_close_releases_claims(broker: Broker, qname: str) -> None:
     assert all(m.delivery_info["redelivered"] for m in received)
 
 
+def test_failed_deliveries_count_plain_requeues_do_not(broker: Broker, qname: str) -> None:
+    transport = consumer(broker, Queue(qname))
+    transport.publish(envelope(1), exchange="", routing_key=qname)
+    [message] = poll_until(transport, 1)
+    assert message.delivery_count == 1
+    message.reject(requeue=True)  # a give-back: not a failed delivery
+    [message] = poll_until(transport, 1)
+    assert message.delivery_count == 1
+    assert message.delivery_info["redelivered"] is True
+    message.requeue_failed()  # the process running it died
+    [message] = poll_until(transport, 1)
+    assert message.delivery_count == 2
+    message.requeue_failed()
+    transport.close()  # held: the release on close is not a failed delivery either
+    again = consumer(broker, Queue(qname))
+    [message] = poll_until(again, 1)
+    assert message.delivery_count == 3
+    message.ack()
+
+
+def test_dead_letter_keeps_the_message_aside_with_a_fresh_count(
+        broker: Broker, qname: str) -> None:
+    transport = consumer(broker, Queue(qname))
+    transport.publish(envelope(7), exchange="", routing_key=qname)
+    [message] = poll_until(transport, 1)
+    message.requeue_failed()
+    [message] = poll_until(transport, 1)
+    assert message.delivery_count == 2
+    assert message.dead_letter() == f"{qname}.dead"
+    with pytest.raises(MessageStateError):
+        message.ack()
+    assert transport.poll(timeout=0.3) == []
+    assert transport.queue_size(qname) == 0
+    assert transport.queue_size(f"{qname}.dead") == 1
+    # A queue like any other: consuming it runs the message again, counted afresh.
+    dead = consumer(broker, Queue(f"{qname}.dead"))
+    [kept] = poll_until(dead, 1)
+    assert number(kept) == 7 and kept.body == message.body
+    assert kept.delivery_count == 1
+    kept.ack()
+
+
+def test_an_expired_claim_is_a_failed_delivery(expiring_broker: Broker, qname: str) -> None:
+    broker = expiring_broker
+    # The holder never calls maintain() nor close(): as if it was killed.
+    holder = consumer(broker, Queue(qname), visibility_timeout=1)
+    holder.publish(envelope(1), exchange="", routing_key=qname)
+    [held] = poll_until(holder, 1)
+    assert held.delivery_count == 1
+    other = consumer(broker, Queue(qname), visibility_timeout=1)
+    [again] = poll_until(other, 1)
+    assert again.delivery_count == 2
+    again.reject(requeue=True)
+    [again] = poll_until(other, 1)
+    assert again.delivery_count == 2
+    again.ack()
+
+
 def test_purge_and_queue_size(broker: Broker, qname: str) -> None:
     transport = consumer(broker, Queue(qname), prefetch=1)
     assert transport.queue_size(f"never-{qname}") == 0

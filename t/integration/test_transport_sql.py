@@ -182,3 +182,66 @@ def test_consumer_recovers_after_connection_lost_without_reconnecting(
     assert [m.body for m in received] == [b"again"]
     received[0].ack()
     transport.close()
+
+
+def _older_table(engine: sa.Engine, prefix: str) -> None:
+    """The messages table as taskframe made it before ``failed_deliveries``, with a row."""
+    with engine.begin() as conn:
+        conn.execute(sa.text(f"ALTER TABLE {prefix}messages DROP COLUMN failed_deliveries"))
+        conn.execute(sa.text(
+            f"INSERT INTO {prefix}messages (queue, priority, due_at, delivery_count, body, "
+            "content_type, content_encoding, headers, properties, exchange, routing_key, "
+            "created_at) VALUES ('old', 0, 0, 0, :body, 'application/json', 'utf-8', '{}', "
+            "'{}', '', 'old', 0)"), {"body": b"[1]"})
+
+
+@pytest.mark.parametrize("kind", ["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def test_an_older_table_gets_the_failed_deliveries_column(kind: str, tmp_path: Path) -> None:
+    prefix = f"tfs_{uuid.uuid4().hex[:10]}_"
+    url = (f"sqlite:///{tmp_path / 'old.sqlite3'}" if kind == "sqlite"
+           else f"sqla+{services.postgres_url()}")
+    first = SQLTransport(url, {"table_prefix": prefix})
+    first.connect()
+    first.close()
+    engine = sa.create_engine(sqlalchemy_url(url))
+    try:
+        _older_table(engine, prefix)
+        transport = SQLTransport(url, {"table_prefix": prefix})
+        transport.connect()  # adds the column; the old row reads as never failed
+        columns = {c["name"] for c in sa.inspect(engine).get_columns(f"{prefix}messages")}
+        assert "failed_deliveries" in columns
+        transport.consume([Queue("old")])
+        [message] = transport.poll(timeout=5)
+        assert message.body == b"[1]" and message.delivery_count == 1
+        message.requeue_failed()
+        [message] = transport.poll(timeout=5)
+        assert message.delivery_count == 2
+        message.ack()
+        transport.close()
+        again = SQLTransport(url, {"table_prefix": prefix})
+        again.connect()  # a second open: nothing to add
+        again.close()
+    finally:
+        with engine.begin() as conn:
+            for table in ("messages", "bindings"):
+                conn.execute(sa.text(f"DROP TABLE IF EXISTS {prefix}{table}"))
+        engine.dispose()
+
+
+def test_a_failed_delivery_or_dead_letter_waits_for_the_database(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'broker.sqlite3'}"
+    transport = SQLTransport(url, {})
+    transport.connect()
+    transport.consume([Queue("q")])
+    for n in range(2):
+        transport.publish(Envelope(f"[{n}]".encode()), exchange="", routing_key="q")
+    first, second = transport.poll(timeout=5)
+    transport.drop()  # the database is gone: both stay claimed, their settles wait
+    first.requeue_failed()
+    assert second.dead_letter() == "q.dead"
+    transport.connect()  # written now, as they were asked
+    [again] = transport.poll(timeout=5)
+    assert again.body == first.body and again.delivery_count == 2
+    again.ack()
+    assert transport.queue_size("q.dead") == 1
+    transport.close()

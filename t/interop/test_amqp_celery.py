@@ -223,3 +223,33 @@ def test_taskframe_worker_hands_a_celery_eta_task_to_the_delay_ladder(shared: Sh
     value = result.get(timeout=120)
     assert value["sum"] == 11 and value["by"] == "taskframe"
     assert value["exchange"].startswith("celery_delayed_"), value
+
+
+@pytest.mark.slow
+def test_a_celery_worker_runs_a_message_carrying_failed_deliveries(shared: Shared) -> None:
+    """On a classic queue our count rides in a header of a copy: Celery runs it all the same."""
+    from taskframe.transport import Queue
+
+    aproj = shared.client("aproj")
+    result = aproj.add.apply_async((40, 2), queue=shared.classic)
+    transport = AMQPTransport(shared.env["TASKFRAME_BROKER_URL"], {})
+    transport.connect()
+    try:
+        transport.consume([Queue(shared.classic)])
+        deadline = time.monotonic() + 30
+        messages: list[Any] = []
+        while not messages and time.monotonic() < deadline:
+            messages = transport.poll(0.5)
+        [message] = messages
+        message.requeue_failed()  # as our worker does when the child running it died
+        messages = []
+        while not messages and time.monotonic() < deadline:
+            messages = transport.poll(0.5)
+        [copy] = messages
+        assert copy.delivery_count == 2
+        copy.reject(requeue=True)
+    finally:
+        transport.close()
+    shared.start_celery_worker()
+    value = result.get(timeout=120)
+    assert value["sum"] == 42 and value["by"] == "celery", value

@@ -138,3 +138,36 @@ def test_taskframe_client_tasks_run_on_a_celery_worker(shared: Shared) -> None:
         assert client.hlen(shared.prefix + "unacked") == 0
     finally:
         app.close()
+
+
+def test_a_celery_worker_runs_a_message_carrying_failed_deliveries(shared: Shared) -> None:
+    """Our count rides in the envelope's properties: kombu and Celery carry it and ignore it."""
+    import rcproj
+
+    from taskframe.transport import Queue
+    from taskframe.transport.redis import RedisTransport
+
+    app = rcproj.app
+    try:
+        result = rcproj.add.delay(20, 22)
+        transport = RedisTransport(shared.broker, {"global_keyprefix": shared.prefix})
+        transport.connect()
+        try:
+            transport.consume([Queue("celery")])
+            deadline = time.monotonic() + 30
+            messages: list[Any] = []
+            while not messages and time.monotonic() < deadline:
+                messages = transport.poll(0.5)
+            [message] = messages
+            message.requeue_failed()  # as our worker does when the child running it died
+        finally:
+            transport.close()
+        client = redis.Redis.from_url(shared.broker)
+        raw = json.loads(client.lindex(shared.prefix + "celery", 0) or b"{}")
+        assert raw["properties"]["x-taskframe-failed-deliveries"] == 1
+        shared.start("celery", "-A", "rcelery", "worker", "-P", "threads", "-c", "1",
+                     "--without-mingle", "--without-gossip", "-l", "INFO")
+        assert result.get(timeout=60, interval=0.1) == 42, shared.log_text()
+        assert client.hlen(shared.prefix + "unacked") == 0
+    finally:
+        app.close()

@@ -74,3 +74,42 @@ def test_connect_failure_is_translated() -> None:
     with pytest.raises(BrokerConnectionError, match="not connected"):
         transport.declare(Queue("q"))
     transport.close()  # idempotent, even never connected
+
+
+def test_delivery_limit_arguments_only_for_quorum_queues() -> None:
+    from taskframe.transport.amqp_failures import dead_letter_route, limit_arguments
+
+    assert limit_arguments(Queue("c"), 5) == {}
+    assert limit_arguments(Queue("q", queue_type="quorum"), None) == {}
+    ours = limit_arguments(Queue("q", queue_type="quorum"), 5)
+    assert ours == {"x-delivery-limit": 5, "x-dead-letter-exchange": "",
+                    "x-dead-letter-routing-key": "q.dead"}
+    assert dead_letter_route("q", ours) == "q.dead"
+    # The user's own arguments are kept: their dead-letter exchange, their limit.
+    theirs = Queue("q", queue_type="quorum", arguments={"x-dead-letter-exchange": "dlx"})
+    assert limit_arguments(theirs, 5) == {"x-delivery-limit": 5}
+    assert dead_letter_route("q", theirs.arguments) == "dead-letter exchange 'dlx'"
+    assert "x-delivery-limit" not in limit_arguments(
+        Queue("q", queue_type="quorum", arguments={"x-delivery-limit": 2}), 5)
+    assert dead_letter_route("q", {}) is None
+
+
+def test_delivery_count_from_rabbitmqs_header_and_ours() -> None:
+    import amqp
+
+    from taskframe.transport.amqp_messages import from_amqp
+
+    def received(headers: dict[str, object]) -> int:
+        raw = amqp.Message(b"{}", application_headers=headers)
+        raw.delivery_info = {"delivery_tag": 1, "routing_key": "q", "exchange": ""}
+        message = from_amqp(AMQPTransport("amqp://h//", {}), raw, "q")
+        assert "x-taskframe-failed-deliveries" not in message.headers
+        return message.delivery_count
+
+    assert received({}) == 1
+    assert received({"x-delivery-count": 2}) == 3
+    assert received({"x-taskframe-failed-deliveries": 1, "x-delivery-count": 2}) == 4
+    assert received({"x-taskframe-failed-deliveries": "junk"}) == 1
+    # A copy never claims RabbitMQ's count as its own.
+    assert "x-delivery-count" not in to_amqp(Envelope(b"{}", headers={
+        "x-delivery-count": 3})).application_headers

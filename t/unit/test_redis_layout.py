@@ -17,6 +17,7 @@ from taskframe.transport.redis_layout import (
     build_client,
     decode_envelope,
     encode_envelope,
+    mark_dead,
     mark_redelivered,
     topic_pattern,
 )
@@ -119,3 +120,25 @@ def test_bad_urls_and_options_are_refused() -> None:
 def test_transport_declares_its_capabilities() -> None:
     assert RedisTransport.supports_delay and RedisTransport.supports_fanout
     assert RedisTransport.lower_priority_first
+
+
+def test_failed_deliveries_are_a_property_kombu_ignores() -> None:
+    raw = encode_envelope(Envelope(b"[1]", headers={"id": "x"}), "", "q", 0)
+    assert decode_envelope(raw).failed == 0
+    once = mark_redelivered(raw, failed=True)
+    twice = mark_redelivered(once, failed=True)
+    assert decode_envelope(twice).failed == 2
+    assert decode_envelope(mark_redelivered(twice)).failed == 2  # a plain give-back
+    decoded = decode_envelope(twice)
+    assert decoded.redelivered and "x-taskframe-failed-deliveries" not in decoded.properties
+    # kombu reads the envelope as before: the property is just carried along.
+    assert json.loads(twice)["properties"]["delivery_tag"] == json.loads(raw)["properties"][
+        "delivery_tag"]
+    assert decode_envelope(mark_dead(twice)).failed == 0
+    # A copy published again (a deferred ETA) starts over.
+    again = encode_envelope(Envelope(decoded.body, properties={
+        "x-taskframe-failed-deliveries": 2}), "", "q", 0)
+    assert decode_envelope(again).failed == 0
+    bad = json.loads(raw)
+    bad["properties"]["x-taskframe-failed-deliveries"] = "lots"
+    assert decode_envelope(json.dumps(bad)).failed == 0

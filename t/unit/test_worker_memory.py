@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
+import time
 import uuid
 from collections.abc import Iterator
 from typing import Any
@@ -12,7 +13,7 @@ from typing import Any
 import pytest
 
 from taskframe import Task, Taskframe, states
-from taskframe.errors import BackendError, NotRegistered, TaskRevokedError
+from taskframe.errors import BackendError, DeliveryLimitExceeded, NotRegistered, TaskRevokedError
 from taskframe.transport import Envelope
 from taskframe.transport.errors import PublishError, TransportError
 from taskframe.transport.memory import MemoryTransport
@@ -412,3 +413,93 @@ def test_a_body_that_decompresses_past_the_limit_is_rejected_before_it_grows(
     rejected = [r.getMessage() for r in caplog.records
                 if r.getMessage().startswith("Rejected message")]
     assert len(rejected) == 1 and "decompresses to more than 1048576 bytes" in rejected[0]
+
+
+def _wait(predicate: Any, what: str, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.02)
+
+
+def _fail_deliveries(app: Taskframe, count: int, queue: str = "celery") -> None:
+    """Take every message of ``queue`` and give it back as failed, ``count`` times (as the
+    worker does when the child running it dies)."""
+    transport = MemoryTransport(app.broker_url, {})
+    transport.connect()
+    try:
+        transport.consume([app.router.queue(queue)])
+        for _ in range(count):
+            for message in transport.poll(timeout=1):
+                message.requeue_failed()
+    finally:
+        transport.close()
+
+
+def test_a_message_over_the_delivery_limit_is_stopped_not_run(
+        app: Taskframe, run_worker: Any, caplog: pytest.LogCaptureFixture) -> None:
+    ran: list[int] = []
+    errbacks: list[str] = []
+
+    @app.task(acks_late=True)
+    def poison(n: int) -> int:
+        ran.append(n)
+        return n
+
+    @app.task
+    def on_error(request: Any, exc: BaseException, traceback: str) -> None:
+        errbacks.append(type(exc).__name__)
+
+    app.conf.worker_delivery_limit = 2
+    caplog.set_level(logging.INFO)
+    stopped = poison.apply_async((1,), link_error=on_error.s())
+    within = poison.delay(2)
+    _fail_deliveries(app, 2)  # each now delivered 3 times: over the limit of 2
+    fresh = poison.delay(3)
+    run_worker()
+    assert fresh.get(timeout=10) == 3
+    with pytest.raises(DeliveryLimitExceeded, match="delivered 3 times without being settled"):
+        stopped.get(timeout=10)
+    with pytest.raises(DeliveryLimitExceeded):
+        within.get(timeout=10)
+    assert ran == [3]
+    deadline = time.monotonic() + 10
+    while not errbacks and time.monotonic() < deadline:  # the errback is a task too
+        time.sleep(0.05)
+    assert errbacks == ["DeliveryLimitExceeded"]
+    # The FAILURE is stored first (the store thread), then the loop dead-letters and logs.
+    transport = app.producer_connection().transport
+    _wait(lambda: transport.queue_size("celery.dead") == 2, "the dead letters")
+    lines = [r.getMessage() for r in caplog.records if "not run: delivered" in r.getMessage()]
+    assert len(lines) == 2 and "dead-lettered to celery.dead" in lines[0], lines
+    assert transport.queue_size("celery") == 0
+
+
+def test_without_a_delivery_limit_the_message_runs(app: Taskframe, run_worker: Any) -> None:
+    @app.task(acks_late=True)
+    def poison(n: int) -> int:
+        return n
+
+    app.conf.worker_delivery_limit = None
+    result = poison.delay(1)
+    _fail_deliveries(app, 5)
+    run_worker()
+    assert result.get(timeout=10) == 1
+
+
+def test_an_undecodable_message_over_the_limit_is_stopped_by_its_headers(
+        app: Taskframe, run_worker: Any, caplog: pytest.LogCaptureFixture) -> None:
+    app.conf.worker_delivery_limit = 1
+    caplog.set_level(logging.INFO)
+    transport = app.producer_connection().transport
+    transport.declare(app.router.queue("celery"))
+    task_id = str(uuid.uuid4())
+    transport.publish(Envelope(b"{not json", "application/json", "utf-8",
+                               {"task": "some.task", "id": task_id}),
+                      exchange="", routing_key="celery")
+    _fail_deliveries(app, 1)
+    run_worker()
+    with pytest.raises(DeliveryLimitExceeded):
+        app.AsyncResult(task_id).get(timeout=10)
+    _wait(lambda: transport.queue_size("celery.dead") == 1, "the dead letter")
+    assert any(f"some.task[{task_id}] not run" in r.getMessage() for r in caplog.records)

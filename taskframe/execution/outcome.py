@@ -14,9 +14,14 @@ __all__ = ["Outcome"]
 
 @dataclass
 class Outcome:
-    """How one run ended. ``state`` is SUCCESS, FAILURE, RETRY, IGNORED or REJECTED."""
+    """How one run ended. ``state`` is SUCCESS, FAILURE, RETRY, IGNORED or REJECTED.
+
+    ``delivery_failed``: with ``requeue``, the run was lost with the process running it
+    (a prefork child that died): the requeue counts toward ``worker_delivery_limit``.
+    """
 
     state: str
     retval: Any = None
     traceback: str | None = None
     requeue: bool = False
+    delivery_failed: bool = False

@@ -52,7 +52,9 @@ def worker_lost(job: TaskJob, app: Taskframe, *, seq: int, exitcode: int | None,
     if _acks_late(job, app) and _reject_on_worker_lost(job, app):
         logger.error("Task %s[%s] requeued (reject_on_worker_lost): %s", job.task.name, job.id,
                      exc)
-        return make_outcome(states.REJECTED, exc, requeue=True)
+        outcome = make_outcome(states.REJECTED, exc, requeue=True)
+        outcome.delivery_failed = True  # counted toward worker_delivery_limit
+        return outcome
     logger.error("Task handler raised error: %r", exc)
     return _failed(job, app, exc)
 

@@ -1,5 +1,7 @@
 """Intake: one received message becomes a reserved ``Request``, or is turned away.
 
+A message delivered more than ``worker_delivery_limit`` times without being settled is
+stopped first (``delivery_limit``: FAILURE stored off the loop, then dead-lettered).
 A message is decoded; one that cannot be (content type refused, bad body,
 invalid task message) or names an unknown task is rejected with one log line.
 An expired or revoked request is skipped (REVOKED stored, then acked; the store
@@ -31,6 +33,7 @@ from taskframe.protocol import decode_message
 from taskframe.transport.base import MessageState
 from taskframe.worker._consumer_settle import ACK
 from taskframe.worker._consumer_timers import LOCAL_ETA_WINDOW
+from taskframe.worker.delivery_limit import Stop, over_limit
 from taskframe.worker.request import Request
 
 if TYPE_CHECKING:
@@ -59,6 +62,7 @@ class Intake:
     revoked: RevokedSet | None
     timers: list[tuple[float, int, Request]]
     max_message_size: int | None
+    delivery_limit: int | None
     reserved: collections.deque[Request]
     store_writes: StoreWrites
     connection: Connection
@@ -73,6 +77,8 @@ class Intake:
 
     def on_message(self, message: Message) -> None:
         """Decode, validate and reserve one message (or reject it with one log line)."""
+        if over_limit(message, self.delivery_limit):  # its runs keep losing their process
+            return self._stop_over_limit(message)
         try:
             tm = decode_message(message, self.accept, self.max_message_size)
         except ContentDisallowed as exc:
@@ -139,6 +145,22 @@ class Intake:
 
         self.store_writes.submit(write, lambda: self._settle_message(message, requeue=False))
         return None
+
+    def _stop_over_limit(self, message: Message) -> None:
+        """Not run, over ``worker_delivery_limit``: FAILURE stored, then dead-lettered."""
+        stop = Stop(self.app, message, limit=self.delivery_limit or 0, accept=self.accept,
+                    max_size=self.max_message_size, hostname=self.hostname)
+        if self.app.result_backend_url is None:
+            return self._dead_letter(stop)
+        self.store_writes.submit(stop.store_failure, lambda: self._dead_letter(stop))
+        return None
+
+    def _dead_letter(self, stop: Stop) -> None:
+        if stop.message.transport is not self.connection.transport:
+            stop.message.state = MessageState.LOST  # its link dropped: the broker gives it back
+            return
+        stop.dead_letter()
+        self.held -= 1
 
     # -- expired and revoked: checked at receive and again before a run ---------------
 

@@ -27,12 +27,14 @@ if TYPE_CHECKING:
     from taskframe.transport import Connection
     from taskframe.worker.request import Request
 
-__all__ = ["ACK", "DONE", "REJECT", "REQUEUE", "Settling"]
+__all__ = ["ACK", "DONE", "REJECT", "REQUEUE", "REQUEUE_FAILED", "Settling"]
 
 logger = logging.getLogger("taskframe.worker.consumer")
 
 # What a job reports: settle its message one of three ways, or (DONE) free its slot.
 ACK, REJECT, REQUEUE, DONE = "ack", "reject", "requeue", "done"
+# A requeue whose delivery failed (the process running it died): worker_delivery_limit counts.
+REQUEUE_FAILED = "requeue_failed"
 
 
 class Settling:
@@ -139,6 +141,8 @@ class Settling:
                 message.ack()
             elif action == REQUEUE:
                 message.reject(requeue=True)
+            elif action == REQUEUE_FAILED:
+                message.requeue_failed()
             else:
                 message.reject(requeue=False)
         except TransportError as exc:
@@ -181,7 +185,9 @@ class Settling:
 
     def _late_action(self, request: Request, outcome: Outcome) -> str:
         if outcome.state == states.REJECTED:
-            return REQUEUE if outcome.requeue else REJECT
+            if not outcome.requeue:
+                return REJECT
+            return REQUEUE_FAILED if outcome.delivery_failed else REQUEUE
         if outcome.state == states.FAILURE:
             task = request.task
             ack = task.acks_on_failure_or_timeout

@@ -75,6 +75,8 @@ class Consumer(Intake, Timers, Settling, Reconnection):
         self.accept = tuple(app.conf.accept_content)
         limit = app.conf.worker_max_message_size
         self.max_message_size: int | None = int(limit) if limit else None
+        deliveries = app.conf.worker_delivery_limit
+        self.delivery_limit: int | None = int(deliveries) if deliveries else None
         self.completions: queue.SimpleQueue[tuple[Request, str]] = queue.SimpleQueue()
         self.reserved: collections.deque[Request] = collections.deque()
         self.timers: list[tuple[float, int, Request]] = []  # ETA not reached yet
