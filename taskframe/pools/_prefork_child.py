@@ -155,7 +155,12 @@ class _Runner:
             outcome = self.run(spec)
             done += 1
             recycle = self.recycle_reason(done)
-            self.conn.send(("done", spec.seq, outcome, recycle))
+            try:
+                self.conn.send(("done", spec.seq, outcome, recycle))
+            except OSError:  # BrokenPipeError: the worker died (kill -9) while we ran
+                logger.warning("the worker is gone: the outcome of task %s (%s) cannot be "
+                               "reported; this child exits", spec.fields.get("id"), outcome.state)
+                return None
             if recycle is not None:
                 return recycle
 
