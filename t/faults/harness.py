@@ -11,6 +11,7 @@ file of the run's own, so ``tally()`` can say, whatever the broker did:
 * ``interrupted``: tasks that started in a process the scenario killed, never ended
   and never ran again: with early acks that is the promise (at most once), so a
   scenario that kills with early acks counts them here, not as lost;
+* ``forbidden_ran``: tasks that must never run (revoked, expired, malformed) and did;
 * each worker's exit code and the unhandled exceptions its log shows.
 """
 
@@ -66,6 +67,7 @@ class Tally:
     lost: int = 0
     duplicates: int = 0
     interrupted: int = 0
+    forbidden_ran: int = 0
     exit_codes: list[int | None] = field(default_factory=list)
     unhandled: list[str] = field(default_factory=list)
     seconds: float = 0.0
@@ -154,6 +156,7 @@ class Run:
         self.workers = WorkerProcs(PROJ_DIR, "fproj", env, directory)
         self.workers.env.pop("TASKFRAME_RESULT_BACKEND", None)
         self.sent: list[str] = []
+        self.forbidden: list[str] = []
         self.killed: set[int] = set()
         self.started_at = time.monotonic()
         self._client: Any = None
@@ -203,6 +206,10 @@ class Run:
             fproj.configure(app, self.queue, self.conf, self.dead_letter)
             self._client = app
         return self._client
+
+    def forbid(self, ids: Iterable[str]) -> None:
+        """These tasks must never run (revoked, expired, malformed): ``tally`` counts any."""
+        self.forbidden.extend(ids)
 
     def send(self, n: int, seconds: float = 0.0) -> list[str]:
         """Send ``n`` ``fproj.work`` tasks of ``seconds`` each; their ids."""
@@ -305,6 +312,12 @@ class Run:
             time.sleep(0.05)
         raise AssertionError(f"no child of {parent} ran a task within {timeout} s")
 
+    def wait_until_started(self, ids: Iterable[str], timeout: float) -> None:
+        """Wait until every task of ``ids`` (sent by the test itself) has started."""
+        want = set(ids)
+        wait_until(lambda: want <= {t for k, t, _ in self.records() if k == "start"},
+                   timeout, f"tasks {sorted(want)} to start")
+
     def wait_started(self, count: int, timeout: float) -> None:
         wait_until(lambda: self.started() >= count, timeout, f"{count} task(s) to start")
 
@@ -335,6 +348,8 @@ class Run:
                 tally.interrupted += 1
             else:
                 tally.lost += 1
+        tally.forbidden_ran = sum(1 for t in self.forbidden
+                                  if any(kind == "start" for kind, _ in by_id.get(t, [])))
         for log in self.workers.logs:
             if log.exists():
                 tally.unhandled.extend(f"{log.name}: {e}" for e in

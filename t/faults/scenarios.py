@@ -32,6 +32,9 @@ def check(tally: Tally, *, duplicates_allowed: bool) -> list[str]:
     wrong = []
     if tally.lost:
         wrong.append(f"lost {tally.lost} of {tally.sent} (ended {tally.ended})")
+    if tally.forbidden_ran:
+        wrong.append(f"{tally.forbidden_ran} task(s) ran that must not (revoked, expired or "
+                     "malformed)")
     if tally.duplicates and not duplicates_allowed:
         wrong.append(f"{tally.duplicates} duplicate run(s) ({tally.starts} starts)")
     if any(code != 0 for code in tally.exit_codes):
@@ -98,10 +101,13 @@ class Scenarios:
             total.lost += t.lost
             total.duplicates += t.duplicates
             total.interrupted += t.interrupted
+            total.forbidden_ran += t.forbidden_ran
         line = (f"scenario={self.name} runs={len(tallies)} tasks={total.sent} "
                 f"lost={total.lost} duplicates={total.duplicates} seconds={seconds:.1f}")
         if total.interrupted:
             line += f" interrupted={total.interrupted}"
+        if total.forbidden_ran:
+            line += f" ran_forbidden={total.forbidden_ran}"
         print("\n" + line)
         self.config.stash.setdefault(SUMMARY, []).append(line)
         with self.results.open("a") as out:

@@ -39,6 +39,8 @@ def test_check_fails_each_broken_promise() -> None:
                  duplicates_allowed=False)[0].startswith("2 duplicate run(s)")
     assert check(Tally(sent=3, ended=3, duplicates=2, exit_codes=[0]),
                  duplicates_allowed=True) == []
+    assert check(Tally(sent=3, ended=3, forbidden_ran=1, exit_codes=[0]),
+                 duplicates_allowed=True)[0].startswith("1 task(s) ran that must not")
     assert "exit codes [0, 1]" in check(Tally(exit_codes=[0, 1]), duplicates_allowed=False)[0]
 
 

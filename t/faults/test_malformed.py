@@ -77,13 +77,12 @@ def test_malformed_messages(faults: Scenarios, kind: str) -> None:
         run.send(10, 0.05)
         bad += _publish_bad(run, KINDS[3:])
         run.send(10, 0.05)
+        run.forbid(bad)
         run.start_worker("-P", "threads", "-c", "4")
         run.wait_ended(60)
-        ran = {task_id for _, task_id, _ in run.records()}
         tally = run.tally()
         errors = [ln for ln in tally.logs.splitlines() if "ERROR" in ln]
         for kind_, task_id in zip(KINDS, bad, strict=True):
-            assert task_id not in ran, f"the {kind_} message ran"
             assert any(task_id in ln for ln in errors), \
                 f"no error line names the {kind_} message {task_id}:\n" + "\n".join(errors)
         assert run.queue_size(run.queue) == 0
