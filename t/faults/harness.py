@@ -139,7 +139,7 @@ class Run:
                  conf: dict[str, Any] | None = None, dead_letter: bool = False) -> None:
         self.directory = directory
         self.broker = broker
-        tag = uuid.uuid4().hex[:8]
+        tag = self.tag = uuid.uuid4().hex[:8]
         self.queue = f"tffaults.{tag}"
         self.conf: dict[str, Any] = dict(conf or {})
         if broker.kind == "redis":
@@ -165,8 +165,12 @@ class Run:
     # -- workers -------------------------------------------------------------------------
 
     def start_worker(self, *args: str, wait: bool = True) -> subprocess.Popen[bytes]:
-        """Start one more worker (``args``: ``-P threads -c 4`` ...); wait until it is ready."""
-        proc = self.workers.start(*args)
+        """Start one more worker (``args``: ``-P threads -c 4`` ...); wait until it is ready.
+
+        Its node name is the run's own: workers of other runs (or other engineers) on a
+        shared broker never share its pidbox queue, which is named after the node.
+        """
+        proc = self.workers.start(*args, "-n", f"tff{self.tag}w{len(self.workers.procs)}@%h")
         if wait:
             log = self.workers.logs[-1]
             wait_until(lambda: proc.poll() is not None or " ready. broker:" in log.read_text(),
