@@ -119,11 +119,10 @@ class Scenarios:
                 failures.append((i, tally, wrong))
         if failures:
             i, tally, _ = failures[0]
-            detail = "\n".join(f"run {n}: " + "; ".join(w) for n, _, w in failures)
+            detail = "\n".join(f"run {n}: " + "; ".join(w + t.notes) for n, t, w in failures)
             lines = _first_lines(tally.logs, ("WARNING", "ERROR", "CRITICAL", "Exception"), 60)
             raise AssertionError(f"{line}\n{detail}\n--- warnings and errors of run {i}:\n"
                                  f"{lines}")
-
 
 
 def shared_broker(kind: str) -> Broker:
