@@ -250,17 +250,10 @@ class Run:
         finally:
             db.close()
 
-    def counts(self) -> tuple[collections.Counter[str], collections.Counter[str]]:
-        """Starts and ends per task id."""
-        starts: collections.Counter[str] = collections.Counter()
-        ends: collections.Counter[str] = collections.Counter()
-        for kind, task_id, _pid in self.records():
-            (starts if kind == "start" else ends)[task_id] += 1
-        return starts, ends
-
     def started(self) -> int:
-        starts, _ = self.counts()
-        return sum(1 for t in self.sent if starts[t])
+        """Tasks sent that started at least once."""
+        starts = {task_id for kind, task_id, _pid in self.records() if kind == "start"}
+        return sum(1 for t in self.sent if t in starts)
 
     def done(self, at_most_once: bool = False) -> int:
         """Tasks sent that ended, or (``at_most_once``) whose one start died with its process."""
@@ -269,7 +262,7 @@ class Run:
         for kind, task_id, pid in self.records():
             if kind == "end":
                 ended.add(task_id)
-            else:
+            elif kind == "start":
                 starts[task_id].append(pid)
         return sum(1 for t in self.sent if t in ended or (
             at_most_once and len(starts[t]) == 1 and starts[t][0] in self.killed))
@@ -313,7 +306,7 @@ class Run:
             child = self.running_child(parent)
             if child is not None:
                 return child
-            time.sleep(0.05)
+            time.sleep(0.005)
         raise AssertionError(f"no child of {parent} ran a task within {timeout} s")
 
     def wait_until_started(self, ids: Iterable[str], timeout: float) -> None:
@@ -322,8 +315,18 @@ class Run:
         wait_until(lambda: want <= {t for k, t, _ in self.records() if k == "start"},
                    timeout, f"tasks {sorted(want)} to start")
 
-    def wait_started(self, count: int, timeout: float) -> None:
-        wait_until(lambda: self.started() >= count, timeout, f"{count} task(s) to start")
+    def wait_started(self, count: int, timeout: float, poll: float = 0.1) -> None:
+        """Wait until ``count`` tasks started, looking every ``poll`` seconds.
+
+        A scenario that kills at a start polls fast: the kill then lands within a few
+        milliseconds of the body starting, where an early ack not yet on the wire shows.
+        """
+        deadline = time.monotonic() + timeout
+        while self.started() < count:
+            if time.monotonic() > deadline:
+                raise AssertionError(f"timed out after {timeout} s waiting for {count} "
+                                     "task(s) to start")
+            time.sleep(poll)
 
     def tally(self, *, stop: bool = True, at_most_once: bool = False) -> Tally:
         """Stop the workers (warm) and count; see the module docstring.

@@ -47,7 +47,7 @@ def test_kill_worker(faults: Scenarios, kind: str, acks: str, pool: str) -> None
     for run in faults.runs(broker, conf=conf_for(kind, late, False), duplicates_allowed=late):
         run.send(TASKS, SECONDS)
         victim = run.start_worker(*POOLS[pool])
-        run.wait_started(2, 60)
+        run.wait_started(2, 60, poll=0.005)
         family = [victim.pid, *descendants_of(victim.pid)]
         run.kill(victim.pid)
         victim.wait()
@@ -74,3 +74,29 @@ def test_kill_prefork_child(faults: Scenarios, kind: str, mode: str) -> None:
         run.wait_ended(90, at_most_once=not (late and rowl))
         time.sleep(_late_duplicates_window(kind))
         run.tally(at_most_once=not (late and rowl))
+
+
+@pytest.mark.parametrize("pool", ["threads", "prefork"])
+@pytest.mark.parametrize("kind", ["redis", "amqp"])
+def test_kill_at_the_start_of_an_early_ack_body(faults: Scenarios, kind: str,
+                                                 pool: str) -> None:
+    """The process dies at the body's first instruction (``fproj.die_at_start``).
+
+    No race to win: the early ack must be on the wire before the body starts, so the
+    task is never given out again. A second worker (threads) or the worker's new child
+    (prefork) runs the tasks sent next, and no second start of the doomed one.
+    """
+    broker = shared_broker(kind)
+    for run in faults.runs(broker, conf=conf_for(kind, False, False)):
+        doomed = run.client.send_task("fproj.die_at_start", ignore_result=True).id
+        run.sent.append(doomed)
+        first = run.start_worker(*POOLS[pool], wait=pool != "threads")  # threads: it dies
+        run.wait_until_started([doomed], 60)
+        run.killed.update(pid for kind_, _, pid in run.records() if kind_ == "doomed")
+        if pool == "threads":
+            first.wait(30)
+            run.start_worker(*POOLS[pool])
+        run.send(8, 0.05)
+        run.wait_ended(60, at_most_once=True)
+        time.sleep(_late_duplicates_window(kind))
+        run.tally(at_most_once=True)

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import sqlite3
 import threading
 import time
@@ -82,3 +83,24 @@ def crash_a_thread() -> None:
     thread = threading.Thread(target=_die, name="fproj-crasher")
     thread.start()
     thread.join()
+
+
+@app.task(bind=True, name="fproj.die_at_start")
+def die_at_start(self: Any) -> None:
+    """Record the start, then ``kill -9`` this process: the first time only.
+
+    A crash at the body's first instruction: with early acks the ack must already be
+    on the wire (issue 14, Why 6), so the task never runs again. The ``doomed`` record
+    names the process, for the harness to count the start as interrupted.
+    """
+    db = connect(os.environ["FPROJ_STORE"])
+    try:
+        seen = db.execute("SELECT count(*) FROM runs WHERE task_id = ?",
+                          (self.request.id,)).fetchone()[0]
+    finally:
+        db.close()
+    record("start", self.request.id)
+    if not seen:
+        record("doomed", self.request.id)
+        os.kill(os.getpid(), signal.SIGKILL)
+    record("end", self.request.id)
