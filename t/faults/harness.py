@@ -179,7 +179,8 @@ class Run:
         return proc
 
     def kill(self, pid: int) -> None:
-        """``kill -9`` a worker or a pool child; its starts count as interrupted, not lost."""
+        """``kill -9`` a worker or a pool child; with ``tally(at_most_once=True)`` a task
+        whose one start died with it counts as interrupted, not lost."""
         self.killed.add(pid)
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
