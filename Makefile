@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-unit test-latest lint typecheck bench docs lock clean
+.PHONY: demo test test-unit test-latest faults lint typecheck bench docs lock clean
 
 # CI and `make test` install the versions pinned in constraints.txt (written by `make lock`);
 # pyproject.toml keeps open ranges for users. `make test-latest` tries the newest releases.
@@ -26,6 +26,11 @@ test: $(STAMP)
 
 test-unit: $(STAMP)
 	$(BIN)/python -m pytest t/unit
+
+## The fault-injection suite alone (real servers, real workers, a fault proxy; `make test` runs
+## it once too). A soak: `make faults FAULTS_ARGS=--repeat=20`; summaries go to faults-results.txt.
+faults: $(STAMP)
+	TASKFRAME_REQUIRE_SERVICES=1 $(BIN)/python -m pytest t/faults $(FAULTS_ARGS)
 
 ## ruff; the import-linter contracts of setup.cfg (the layers); no import cycle, no module
 ## over 500 lines, no function over 60 (tools/check_layout.py).

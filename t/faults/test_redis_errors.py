@@ -1,0 +1,56 @@
+"""Redis refuses writes for a while with an error that is not a lost connection.
+
+A redis-server of the test's own turns read-only (``REPLICAOF`` a port where no master
+listens: it keeps its data and answers writes with ``READONLY``, as a demoted primary
+does after a failover) or full (``maxmemory`` 1 byte, ``noeviction``: ``OOM``) for
+three seconds under a worker draining late-ack tasks. The worker must not exit: it
+waits and goes on (issue 14, Why 3), and nothing is lost or run twice.
+"""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+from faults.harness import Broker
+from faults.scenarios import Scenarios
+from faults.servers import RedisNode, spare_port
+
+OUTAGE = 3.0
+
+
+def _refuse_writes(node: RedisNode, how: str) -> None:
+    client = node.client()
+    try:
+        if how == "readonly":
+            client.execute_command("REPLICAOF", "127.0.0.1", spare_port())
+        else:
+            client.config_set("maxmemory-policy", "noeviction")
+            client.config_set("maxmemory", 1)
+    finally:
+        client.close()
+
+
+def _accept_writes(node: RedisNode, how: str) -> None:
+    client = node.client()
+    try:
+        if how == "readonly":
+            client.execute_command("REPLICAOF", "NO", "ONE")
+        else:
+            client.config_set("maxmemory", 0)
+    finally:
+        client.close()
+
+
+@pytest.mark.parametrize("how", ["readonly", "oom"])
+def test_redis_refuses_writes(redis_node: RedisNode, faults: Scenarios, how: str) -> None:
+    broker = Broker("redis", redis_node.url)
+    for run in faults.runs(broker, conf={"task_acks_late": True}):
+        run.send(60, 0.1)
+        run.start_worker("-P", "threads", "-c", "4")
+        run.wait_started(10, 60)
+        _refuse_writes(redis_node, how)
+        time.sleep(OUTAGE)
+        _accept_writes(redis_node, how)
+        run.wait_ended(60)
+        time.sleep(1.0)
