@@ -14,7 +14,7 @@ from types import ModuleType
 import pytest
 import sqlalchemy as sa
 from services import postgres_url
-from workers import ProjectImport, WorkerProcs, read_lines, wait_until
+from workers import ProjectImport, WorkerProcs, expect, read_lines, wait_until
 
 PROJ_DIR = Path(__file__).parent / "workerproj"
 
@@ -92,6 +92,7 @@ def test_kill_9_of_a_late_ack_holder_hands_the_task_to_another_worker(fleet: Fle
     victim = fleet.workers.start("-P", "solo")
     wait_until(lambda: any(line.startswith("start 7") for line in fleet.lines()), 60,
                "the first worker to start the task")
+    expect(victim, exit_codes={-signal.SIGKILL}, why="killed mid-task on purpose")
     victim.send_signal(signal.SIGKILL)
     victim.wait()
     fleet.workers.start("-P", "solo")

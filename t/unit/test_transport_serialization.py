@@ -10,6 +10,7 @@ from decimal import Decimal
 from typing import Any
 
 import pytest
+import services
 
 from taskframe.transport import Message, serialization
 from taskframe.transport.errors import (
@@ -120,7 +121,7 @@ def test_pickle_refused_unless_accepted() -> None:
 
 
 def test_msgpack_roundtrip() -> None:
-    pytest.importorskip("msgpack")
+    services.require_module("msgpack")
     content_type, encoding, data = dumps({"a": [1, "x", b"\x00"]}, "msgpack")
     assert (content_type, encoding) == ("application/x-msgpack", "binary")
     assert loads(data, content_type, encoding, accept=["msgpack"]) == {"a": [1, "x", b"\x00"]}
@@ -129,7 +130,7 @@ def test_msgpack_roundtrip() -> None:
 
 
 def test_yaml_roundtrip_and_safe_load() -> None:
-    pytest.importorskip("yaml")
+    services.require_module("yaml")
     assert roundtrip({"a": [1, 2], "b": "x"}, "yaml") == {"a": [1, 2], "b": "x"}
     with pytest.raises(DecodeError):
         loads(b"!!python/object/apply:os.getcwd []", "application/x-yaml", "utf-8", ["yaml"])
