@@ -83,7 +83,12 @@ def unhandled_errors(text: str) -> list[str]:
     Tracebacks the worker logs with a record (a task's failure, a broker error) are not
     unhandled; an exception that ends the main thread shows in the exit code.
     """
-    return [m.group(0).strip() for m in UNHANDLED.finditer(text)]
+    lines = []
+    for match in UNHANDLED.finditer(text):
+        start = text.rfind("\n", 0, match.start()) + 1
+        end = text.find("\n", match.end())
+        lines.append(text[start:end if end >= 0 else len(text)].strip())
+    return lines
 
 
 @dataclasses.dataclass(eq=False)
