@@ -87,6 +87,6 @@ def test_terminate_abort_and_stop_on_the_pool_itself(pool: str) -> None:
 def test_chosen_by_setting_alone_it_refuses_to_start(fleet: PoolFleet, pool: str) -> None:
     """Without ``-P`` on the command line nothing was monkey-patched: a clear error, status 64."""
     fleet.workers.env["POOLPROJ_WORKER_POOL"] = pool
-    proc = fleet.workers.start()
+    proc = fleet.workers.start(exit_codes={64}, why="a usage error is what this test wants")
     assert proc.wait(30) == 64
     assert "monkey-patched" in fleet.log_text()
