@@ -138,18 +138,7 @@ class Worker:
         self.app.origin = self.hostname
         signals.worker_init.send(sender=self)
         connection = self.app.connection(conf.broker_read_url or None)
-        max_retries = conf.broker_connection_max_retries \
-            if conf.broker_connection_retry_on_startup else 0
-        try:
-            connection.ensure_connection(
-                max_retries=max_retries,
-                on_error=lambda exc, wait: logger.error(
-                    "Cannot connect to %s: %s. Trying again in %.1f s",
-                    connection.safe_url(), exc, wait),
-            )
-        except BrokerConnectionError as exc:
-            logger.critical("Cannot connect to the broker %s: %s. Giving up.",
-                            connection.safe_url(), exc)
+        if not self._connect(connection):
             return EX_UNAVAILABLE
         # The receivers before the pool (forked pool children inherit them), the event
         # threads after it: a prefork pool forks its fork server while this process runs
@@ -190,6 +179,24 @@ class Worker:
         finally:
             self._shutdown(pool, connection)
         return self.exit_code
+
+    def _connect(self, connection: Any) -> bool:
+        """Connect to the broker, retrying as configured; False (logged) when it gave up."""
+        conf = self.app.conf
+        max_retries = conf.broker_connection_max_retries \
+            if conf.broker_connection_retry_on_startup else 0
+        try:
+            connection.ensure_connection(
+                max_retries=max_retries,
+                on_error=lambda exc, wait: logger.error(
+                    "Cannot connect to %s: %s. Trying again in %.1f s",
+                    connection.safe_url(), exc, wait),
+            )
+        except BrokerConnectionError as exc:
+            logger.critical("Cannot connect to the broker %s: %s. Giving up.",
+                            connection.safe_url(), exc)
+            return False
+        return True
 
     def _watchdog(self, consumer: Consumer) -> Watchdog:
         conf = self.app.conf
