@@ -30,7 +30,8 @@ class ResultCodec:
         ImproperlyConfigured: the serializer is not installed.
     """
 
-    def __init__(self, serializer: str, accept: Collection[str]) -> None:
+    def __init__(self, serializer: str, accept: Collection[str],
+                 max_size: int | None = serialization.MAX_BODY_SIZE) -> None:
         codec = serialization.serializers().get(serializer)
         if codec is None:
             installed = ", ".join(sorted(serialization.serializers()))
@@ -41,6 +42,7 @@ class ResultCodec:
         self.content_type = codec.content_type
         self.content_encoding = codec.content_encoding
         self.accept = tuple(accept)
+        self.max_size = max_size
 
     def accepts(self, name: str) -> bool:
         """True when ``name`` (a serializer name) is in ``accept``."""
@@ -65,5 +67,6 @@ class ResultCodec:
         raw = bytes(data)
         if raw.startswith(COMPRESSED_MAGIC):
             mime, _, body = raw[len(COMPRESSED_MAGIC):].partition(b"\x00")
-            raw = serialization.decompress(body, mime.decode("utf-8", "replace"))
+            raw = serialization.decompress(body, mime.decode("utf-8", "replace"),
+                                           self.max_size)
         return serialization.loads(raw, self.content_type, self.content_encoding, self.accept)

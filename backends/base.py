@@ -46,6 +46,7 @@ from taskframe import states
 from taskframe.backends.chord import ChordStore
 from taskframe.backends.chord_counter import CounterChordStore
 from taskframe.protocol.results import ResultContext, ResultMeta
+from taskframe.transport import serialization
 
 if TYPE_CHECKING:
     from taskframe.transport.connection import Connection
@@ -95,6 +96,8 @@ class BackendOptions:
         reply_to: the queue this process reads replies from (the app's
             ``origin``, the default ``reply_to`` of the tasks it sends; ``rpc``).
         persistent: ``result_persistent``: replies survive a broker restart (``rpc``).
+        max_message_size: ``worker_max_message_size``: the most bytes a stored or sent
+            result may decompress to (``None``: no bound).
     """
 
     serializer: str = "json"
@@ -110,6 +113,7 @@ class BackendOptions:
     connection: Callable[[], Connection] | None = None
     reply_to: str | None = None
     persistent: bool = False
+    max_message_size: int | None = serialization.MAX_BODY_SIZE
 
 
 class Backend(abc.ABC):

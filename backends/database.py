@@ -90,7 +90,8 @@ class DatabaseBackend(Backend):
     def __init__(self, url: str, options: BackendOptions | None = None) -> None:
         super().__init__(url, options)
         self._sa_url = _sql.sqlalchemy_url(url)
-        self._codec = ResultCodec(self.options.serializer, self.options.accept)
+        self._codec = ResultCodec(self.options.serializer, self.options.accept,
+                                  self.options.max_message_size)
         self._tables = _sql.make_tables(self.options.table_names)
         self._lock = threading.Lock()
         self._engine: Engine | None = None

@@ -97,7 +97,8 @@ class GCSBackend(Backend):
             self.pool_size = int(settings.get("gcs_threadpool_maxsize") or 10)
         except ValueError as exc:
             raise ImproperlyConfigured(f"result_backend {url!r}: {exc}") from exc
-        self._codec = ResultCodec(self.options.serializer, self.options.accept)
+        self._codec = ResultCodec(self.options.serializer, self.options.accept,
+                                  self.options.max_message_size)
         self._lock = threading.Lock()
         self._client: storage.Client | None = None
         self._bucket: storage.Bucket | None = None

@@ -119,7 +119,8 @@ class RedisBackend(Backend):
         super().__init__(url, options)
         query = dict(parse_qsl(urlsplit(url).query))
         self._transport_options: dict[str, Any] = {**query, **self.options.transport_options}
-        self.codec = ResultCodec(self.options.serializer, self.options.accept)
+        self.codec = ResultCodec(self.options.serializer, self.options.accept,
+                                 self.options.max_message_size)
         # The script reads stored values as JSON: only when nothing else can be stored here.
         self._json_only = self.codec.serializer == "json" and not any(
             self.codec.accepts(name) for name in ("pickle", "msgpack", "yaml"))

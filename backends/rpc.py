@@ -83,7 +83,8 @@ class RPCBackend(Backend):
 
     def __init__(self, url: str, options: BackendOptions | None = None) -> None:
         super().__init__(url, options)
-        self._codec = ResultCodec(self.options.serializer, self.options.accept)
+        self._codec = ResultCodec(self.options.serializer, self.options.accept,
+                                  self.options.max_message_size)
         self.reply_to = self.options.reply_to or str(uuid.uuid4())
         self.delivery_mode = 2 if self.options.persistent else 1
         self._new_locks()
@@ -161,7 +162,7 @@ class RPCBackend(Backend):
 
     def _on_message(self, message: Message) -> None:
         try:
-            meta = message.decode(self._codec.accept)
+            meta = message.decode(self._codec.accept, self._codec.max_size)
             task_id = message.properties.get("correlation_id") or (
                 meta.get("task_id") if isinstance(meta, dict) else None)
             if isinstance(meta, dict) and task_id:

@@ -2,15 +2,19 @@
 
 Each ``*_url()`` checks its server once per run (a TCP connect on loopback).
 Unreachable: the test is skipped with a loud reason, or fails when
-``TASKFRAME_REQUIRE_SERVICES=1`` (CI must not skip silently).
+``TASKFRAME_REQUIRE_SERVICES=1`` (CI must not skip silently). ``require_module``
+does the same for an optional package. These are the only ways a test may skip
+(``t/unit/test_skips.py`` fails on any other ``skip``/``skipif``/``importorskip``).
 """
 
 from __future__ import annotations
 
 import functools
+import importlib
 import os
 import socket
 from collections.abc import Sequence
+from types import ModuleType
 from typing import NoReturn
 
 import pytest
@@ -41,10 +45,21 @@ def require_service(name: str, host: str, port: int) -> None:
 
 
 def unavailable(message: str) -> NoReturn:
-    """Skip the test loudly, or fail it when ``TASKFRAME_REQUIRE_SERVICES=1``."""
+    """Skip the test (or the module, at import) loudly, or fail it when
+    ``TASKFRAME_REQUIRE_SERVICES=1``."""
     if os.environ.get(REQUIRE_ENV) == "1":
         pytest.fail(message, pytrace=False)
-    pytest.skip(message)
+    pytest.skip(message, allow_module_level=True)
+
+
+def require_module(name: str) -> ModuleType:
+    """Import an optional package the test needs; skip loudly (or fail) without it."""
+    try:
+        return importlib.import_module(name)
+    except ImportError as exc:
+        unavailable(f"!!! the package {name!r} is NOT importable ({exc}); tests needing it "
+                    f"are skipped. Install it, or set {REQUIRE_ENV}=1 to turn this into a "
+                    f"failure.")
 
 
 def postgres_url() -> str:

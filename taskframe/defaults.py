@@ -141,7 +141,11 @@ DEFAULTS: dict[str, Any] = {
     "worker_heartbeat_interval": 2.0,  # seconds between worker-heartbeat events (0: none)
     "worker_health_file": None,  # touched while the consumer loop makes progress
     "worker_health_port": None,  # HTTP liveness endpoint (200 healthy, 503 stalled)
-    "worker_health_timeout": 60.0,  # seconds without progress before unhealthy
+    # Seconds without progress before the worker counts as stalled: its consumer loop does
+    # not turn, or its pool holds work and starts or ends none (taskframe.worker.watchdog).
+    "worker_health_timeout": 60.0,
+    # Exit with code 75 once stalled, for systemd or Kubernetes to start a new worker.
+    "worker_watchdog": False,
     "timezone": None,
     "enable_utc": True,
     "imports": (),

@@ -62,7 +62,7 @@ from typing import Any, ClassVar
 
 from .entities import Exchange, Queue, dead_letter_queue
 from .errors import MessageStateError
-from .serialization import decode_body
+from .serialization import MAX_BODY_SIZE, decode_body
 
 __all__ = ["Envelope", "Message", "MessageState", "Transport", "dead_letter_queue"]
 
@@ -196,17 +196,20 @@ class Message:
         except (TypeError, ValueError):
             return 1
 
-    def decode(self, accept: Collection[str] | None = None) -> Any:
+    def decode(self, accept: Collection[str] | None = None,
+               max_size: int | None = MAX_BODY_SIZE) -> Any:
         """The body, decompressed and deserialized.
 
         Args:
             accept: serializer names or MIME types allowed; ``None`` means JSON only.
+            max_size: the most bytes the body may have, as received or decompressed
+                (``None``: no bound); checked before the body grows past it.
 
         Raises:
             ContentDisallowed: the content type is not accepted.
-            DecodeError: the body does not decompress or parse.
+            DecodeError: the body does not decompress or parse, or it is too big.
         """
-        return decode_body(self, accept)
+        return decode_body(self, accept, max_size)
 
     def to_envelope(self) -> Envelope:
         """A copy of this message for publishing again (retries, delays)."""

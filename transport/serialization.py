@@ -44,8 +44,10 @@ if TYPE_CHECKING:
     from .base import Message
 
 __all__ = [
+    "MAX_BODY_SIZE",
     "Serializer",
     "accept_mimetypes",
+    "body_bytes",
     "compress",
     "decode_body",
     "decompress",
@@ -341,17 +343,47 @@ def loads(
         raise DecodeError(f"cannot decode body as {encoding}: {exc}") from exc
 
 
-def decode_body(message: Message, accept: Collection[str] | None = None) -> Any:
-    """Decompress (``compression`` header) and deserialize a received message's body.
+#: The most bytes a received body may have, as received or decompressed, when the receiver
+#: names no bound (a "zip bomb" is refused before it grows in memory). taskframe passes its
+#: ``worker_max_message_size`` setting, whose default this is.
+MAX_BODY_SIZE = 128 * 1024 * 1024
+
+
+def body_bytes(message: Message, accept: Collection[str] | None = None,
+               max_size: int | None = MAX_BODY_SIZE) -> bytes:
+    """A received message's body, decompressed (``compression`` header), not yet parsed.
+
+    The content type is checked first, so a refused body is never decompressed; then the
+    body may have, and decompress to, at most ``max_size`` bytes (``None``: no bound).
 
     Raises:
         ContentDisallowed: the content type is not accepted.
-        DecodeError: the body does not decompress or parse.
+        DecodeError: the body does not decompress, or it is (or decompresses to) more
+            than ``max_size`` bytes.
     """
+    ensure_accepted(message.content_type, accept)
     body = message.body
+    if max_size is not None and len(body) > max_size:
+        raise DecodeError(f"body of {len(body)} bytes is over the limit of {max_size}")
     method = message.headers.get("compression")
     if method:
-        body = decompress(body, str(method))
+        body = decompress(body, str(method), max_size)
+    return body
+
+
+def decode_body(message: Message, accept: Collection[str] | None = None,
+                max_size: int | None = MAX_BODY_SIZE) -> Any:
+    """Decompress (``compression`` header) and deserialize a received message's body.
+
+    Args:
+        accept: serializer names or MIME types allowed; ``None`` means JSON only.
+        max_size: see ``body_bytes``.
+
+    Raises:
+        ContentDisallowed: the content type is not accepted.
+        DecodeError: the body does not decompress or parse, or it is too big.
+    """
+    body = body_bytes(message, accept, max_size)
     return loads(body, message.content_type, message.content_encoding, accept)
 
 

@@ -53,8 +53,8 @@ class Fleet:
             self.project = ProjectImport(PROJ_DIR, "aproj", self.env)
         return self.project.module
 
-    def start_worker(self, *args: str) -> subprocess.Popen[bytes]:
-        return self.workers.start(*args)
+    def start_worker(self, *args: str, **expected: Any) -> subprocess.Popen[bytes]:
+        return self.workers.start(*args, **expected)
 
     def lines(self) -> list[str]:
         return read_lines(self.record)
@@ -128,7 +128,8 @@ def test_worker_exits_non_zero_when_the_broker_is_unreachable(tmp_path: Path) ->
     services.rabbitmq_url()
     fleet = Fleet(tmp_path, "amqp://guest:guest@127.0.0.1:1//", "tfrq-unreachable:classic",
                   APROJ_MAX_RETRIES="1")
-    proc = fleet.start_worker("-P", "solo")
+    proc = fleet.start_worker("-P", "solo", exit_codes=range(1, 256),
+                              why="the broker is unreachable: the worker must exit non-zero")
     try:
         code = proc.wait(timeout=120)
     finally:

@@ -166,7 +166,8 @@ def test_no_child_is_left_when_the_worker_is_killed(tmp_path: Path) -> None:
     signal to its process group no longer reaches them."""
     fleet = Fleet(tmp_path)
     try:
-        proc = fleet.workers.start("-P", "prefork", "-c", "2")
+        proc = fleet.workers.start("-P", "prefork", "-c", "2", exit_codes={-signal.SIGKILL},
+                                   why="this test kills the worker")
         fleet.ready()
         pids = {fleet.mod.pid.delay().get(timeout=30) for _ in range(4)}
         pids.update(children_of(proc.pid))  # the fork server

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import redis
 import services
-from workers import ProjectImport, WorkerProcs, read_lines, wait_until
+from workers import ProjectImport, WorkerProcs, expect, read_lines, wait_until
 
 PROJ_DIR = Path(__file__).parent / "redisproj"
 sys.path.insert(0, str(PROJ_DIR))
@@ -114,6 +114,7 @@ def test_kill_9_of_a_late_ack_holder_hands_its_tasks_to_another_worker(fleet: Fl
     victim = fleet.start_worker("-P", "threads", "-c", "4")
     wait_until(lambda: len([ln for ln in fleet.lines() if ln.startswith("start")]) >= 3, 60,
                 "the first worker to start all three tasks")
+    expect(victim, exit_codes={-signal.SIGKILL}, why="killed mid-task on purpose")
     victim.send_signal(signal.SIGKILL)
     victim.wait()
     fleet.start_worker("-P", "threads", "-c", "4")

@@ -14,9 +14,13 @@ from types import ModuleType
 import pytest
 import sqlalchemy as sa
 from services import postgres_url
-from workers import ProjectImport, WorkerProcs, read_lines, wait_until
+from workers import ProjectImport, WorkerProcs, expect, read_lines, wait_until
 
 PROJ_DIR = Path(__file__).parent / "workerproj"
+
+# The workers' visibility timeout: a message whose claim lapses (its ack lost, its worker
+# stuck) is delivered again this long after it was claimed or last refreshed.
+VISIBILITY_TIMEOUT = 3.0
 
 
 @dataclass
@@ -51,7 +55,7 @@ def fleet(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Fleet]:
         "TASKFRAME_RESULT_BACKEND": backend,
         "WPROJ_RECORD": str(record),
         "WPROJ_TABLE_PREFIX": prefix,
-        "WPROJ_VISIBILITY_TIMEOUT": "3.0",
+        "WPROJ_VISIBILITY_TIMEOUT": str(VISIBILITY_TIMEOUT),
     }
     project = ProjectImport(PROJ_DIR, "wproj", env)
     workers = WorkerProcs(PROJ_DIR, "wproj", env, tmp_path)
@@ -77,7 +81,10 @@ def test_two_workers_run_2000_tasks_exactly_once(fleet: Fleet) -> None:
     fleet.workers.start("-P", "threads", "-c", "4")
     fleet.workers.start("-P", "threads", "-c", "4")
     wait_until(lambda: len(fleet.lines()) >= 2000, 240, "2,000 task runs")
-    time.sleep(1.0)  # any duplicate run would land now
+    # A message whose ack was lost comes back once its claim lapses, a visibility timeout
+    # after the run, and runs again: wait two of them (and a claim-refresh period) before
+    # calling it exactly once.
+    time.sleep(2 * VISIBILITY_TIMEOUT + 1.0)
     runs = collections.Counter(int(line.split()[0]) for line in fleet.lines())
     assert sorted(runs) == list(range(2000)), fleet.workers.log_text()
     assert set(runs.values()) == {1}, {n: c for n, c in runs.items() if c != 1}
@@ -92,6 +99,7 @@ def test_kill_9_of_a_late_ack_holder_hands_the_task_to_another_worker(fleet: Fle
     victim = fleet.workers.start("-P", "solo")
     wait_until(lambda: any(line.startswith("start 7") for line in fleet.lines()), 60,
                "the first worker to start the task")
+    expect(victim, exit_codes={-signal.SIGKILL}, why="killed mid-task on purpose")
     victim.send_signal(signal.SIGKILL)
     victim.wait()
     fleet.workers.start("-P", "solo")

@@ -21,7 +21,7 @@ from typing import Any
 import pytest
 import services
 import sqlalchemy as sa
-from workers import stop_processes
+from workers import stop_processes, watch
 
 from taskframe.transport.amqp import AMQPTransport
 
@@ -89,6 +89,7 @@ class Shared:
         log = self.tmp_path / f"worker{len(self.procs)}.log"
         proc = subprocess.Popen(argv, env=self.env, cwd=PROJ_DIR, stdout=log.open("wb"),
                                 stderr=subprocess.STDOUT)
+        watch(proc, log)
         self.procs.append(proc)
         self.logs.append(log)
         _wait_until(lambda: " ready" in log.read_text() or proc.poll() is not None, 120,

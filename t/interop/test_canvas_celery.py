@@ -23,7 +23,7 @@ from typing import Any
 import pytest
 import redis
 import services
-from workers import stop_processes, wait_until
+from workers import stop_processes, wait_until, watch
 
 pytestmark = [pytest.mark.interop, pytest.mark.redis, pytest.mark.slow]
 
@@ -70,6 +70,7 @@ class Side:
         log = self.tmp_path / f"worker{len(self.procs)}.log"
         self.procs.append(subprocess.Popen(argv, env=self.env, cwd=PROJ_DIR,
                                            stdout=log.open("wb"), stderr=subprocess.STDOUT))
+        watch(self.procs[-1], log)
         self.logs.append(log)
 
     def log_text(self) -> str:

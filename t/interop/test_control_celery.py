@@ -10,6 +10,7 @@ worker, ``taskframe inspect ping`` reaches the Celery worker, and the Celery wor
 from __future__ import annotations
 
 import json
+import signal
 import socket
 import subprocess
 import sys
@@ -19,7 +20,7 @@ from pathlib import Path
 
 import pytest
 import services
-from workers import ProjectImport, WorkerProcs, read_lines, wait_until
+from workers import ProjectImport, WorkerProcs, expect, read_lines, wait_until
 
 pytestmark = [pytest.mark.interop, pytest.mark.redis, pytest.mark.rabbitmq]
 
@@ -69,6 +70,7 @@ class Fleet:
         # Celery's shutdown on RabbitMQ takes ~10 s here (warm or cold): kill it, its
         # queues go with its connection.
         for proc in self.cel.procs:
+            expect(proc, exit_codes={-signal.SIGKILL}, why="killed: a warm stop is slow here")
             proc.kill()
             proc.wait()
         queues = [self.queue, f"{self.queue}-tf"]

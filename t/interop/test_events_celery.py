@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 import services
-from workers import ProjectImport, wait_until
+from workers import ProjectImport, wait_until, watch
 
 from taskframe.events import EventDispatcher, EventReceiver, event_exchange
 from taskframe.transport import Connection, Exchange
@@ -110,6 +110,7 @@ def test_taskframe_receiver_reads_celery_worker_events(
         env={**os.environ, **env, "PYTHONPATH": str(PROJ_DIR)}, cwd=PROJ_DIR,
         stdout=log.open("wb"), stderr=subprocess.STDOUT,
     )
+    watch(proc, log)
     client = ProjectImport(PROJ_DIR, "cevproj", env)
     events: list[dict[str, Any]] = []
     try:

@@ -26,7 +26,7 @@ import pytest
 import redis
 import services
 import sqlalchemy as sa
-from workers import stop_processes
+from workers import stop_processes, watch
 
 pytestmark = [pytest.mark.interop, pytest.mark.slow]
 
@@ -59,6 +59,7 @@ class Shared:
         log = self.tmp_path / f"worker{len(self.procs)}.log"
         proc = subprocess.Popen([sys.executable, "-m", *argv], env=self.env, cwd=PROJ_DIR,
                                 stdout=log.open("wb"), stderr=subprocess.STDOUT)
+        watch(proc, log)
         self.procs.append(proc)
         self.logs.append(log)
         return proc

@@ -13,8 +13,8 @@ import services
 from taskframe.transport import serialization
 from taskframe.transport.errors import ContentDisallowed
 
-kombu_serialization = pytest.importorskip("kombu.serialization")
-kombu_compression = pytest.importorskip("kombu.compression")
+kombu_serialization = services.require_module("kombu.serialization")
+kombu_compression = services.require_module("kombu.compression")
 
 pytestmark = pytest.mark.interop
 

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import services
 
 from taskframe import SoftTimeLimitExceeded, Task, Taskframe, states
 from taskframe.errors import TimeLimitExceeded
@@ -270,7 +271,7 @@ ASYNC_SNIPPET = textwrap.dedent('''\
 
 
 def test_async_tasks_type_check(tmp_path: Path) -> None:
-    api = pytest.importorskip("mypy.api")
+    api = services.require_module("mypy.api")
     root = Path(__file__).resolve().parents[2]
     pkg = tmp_path / "tree" / "taskframe"
     pkg.mkdir(parents=True)

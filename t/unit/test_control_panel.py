@@ -54,6 +54,9 @@ class RecordingState:
     def queues(self) -> list[Queue]:
         return list(self.consumed)
 
+    def health(self) -> dict[str, Any]:
+        return {"status": "stalled", "stall": {"kind": "pool", "seconds": 61.0, "detail": "x"}}
+
     def add_consumer(self, queue: Queue) -> None:
         self.calls.append(("add_consumer", queue))
 
@@ -170,6 +173,7 @@ def test_stats_has_the_keys_flower_reads(state: RecordingState) -> None:
     assert stats["pool"]["max-concurrency"] == 2
     assert stats["broker"]["transport"] == "memory"
     assert stats["prefetch_count"] == 8
+    assert stats["health"]["status"] == "stalled"  # the watchdog's verdict
 
 
 def test_active_queues_shape(state: RecordingState) -> None:

@@ -125,7 +125,7 @@ def test_worker_command_has_event_and_health_options() -> None:
     result = CliRunner().invoke(main, ["worker", "--help"])
     assert result.exit_code == 0
     for option in ("--task-events", "--heartbeat-interval", "--without-heartbeat",
-                   "--health-file", "--health-port", "--health-timeout"):
+                   "--health-file", "--health-port", "--health-timeout", "--watchdog"):
         assert option in result.output
     result = CliRunner().invoke(main, ["events", "--help"])
     assert result.exit_code == 0 and "--json" in result.output

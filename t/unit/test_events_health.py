@@ -1,12 +1,12 @@
-"""``HealthMonitor``: the liveness file and HTTP endpoint follow the loop's progress."""
+"""``HealthMonitor``: the liveness file and HTTP endpoint follow the watchdog's verdict."""
 
 from __future__ import annotations
 
 import json
-import time
 import urllib.error
 import urllib.request
 from pathlib import Path
+from typing import Any
 
 from workers import wait_until
 
@@ -14,16 +14,20 @@ from taskframe.worker.health import HealthMonitor
 
 
 class Loop:
-    """Stands for the consumer loop: ``last`` is the monotonic time of its last turn."""
+    """Stands for the watchdog's last check (``Watchdog.status``): stalled or not."""
 
     def __init__(self) -> None:
-        self.last = time.monotonic()
+        self.stalled = False
 
     def turn(self) -> None:
-        self.last = time.monotonic()
+        self.stalled = False
 
     def stall(self, seconds: float) -> None:
-        self.last = time.monotonic() - seconds
+        self.stalled = True
+
+    def status(self) -> dict[str, Any]:
+        stall = {"kind": "loop", "seconds": 31.0, "detail": "no turn"} if self.stalled else None
+        return {"status": "stalled" if self.stalled else "ok", "stall": stall}
 
 
 def _get(port: int) -> tuple[int, dict[str, object]]:
@@ -36,7 +40,7 @@ def _get(port: int) -> tuple[int, dict[str, object]]:
 
 def test_http_endpoint_answers_503_once_the_loop_stalls() -> None:
     loop = Loop()
-    monitor = HealthMonitor(lambda: loop.last, timeout=30, port=0, host="127.0.0.1",
+    monitor = HealthMonitor(loop.status, timeout=30, port=0, host="127.0.0.1",
                             hostname="w1@h")
     monitor.start()
     try:
@@ -47,6 +51,7 @@ def test_http_endpoint_answers_503_once_the_loop_stalls() -> None:
         loop.stall(31)
         status, body = _get(monitor.port)
         assert status == 503 and body["status"] == "stalled"
+        assert body["stall"]["kind"] == "loop" and body["hostname"] == "w1@h"
         loop.turn()
         assert _get(monitor.port)[0] == 200
     finally:
@@ -56,7 +61,7 @@ def test_http_endpoint_answers_503_once_the_loop_stalls() -> None:
 def test_file_is_touched_while_healthy_and_removed_when_stalled(tmp_path: Path) -> None:
     loop = Loop()
     path = tmp_path / "alive"
-    monitor = HealthMonitor(lambda: loop.last, timeout=0.4, path=path)
+    monitor = HealthMonitor(loop.status, timeout=0.4, path=path)
     monitor.start()
     try:
         assert path.exists()

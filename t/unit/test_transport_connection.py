@@ -6,6 +6,7 @@ import uuid
 from typing import Any
 
 import pytest
+import services
 
 from taskframe.transport import Connection, Consumer, Exchange, Message, Producer, Queue, Transport
 from taskframe.transport.connection import backoff_interval, known_schemes
@@ -40,7 +41,7 @@ def test_sqlite_in_memory_is_refused() -> None:
 
 
 def test_ensure_connection_gives_up_after_max_retries() -> None:
-    psycopg = pytest.importorskip("psycopg")
+    psycopg = services.require_module("psycopg")
     assert psycopg
     errors: list[tuple[Exception, float]] = []
     conn = Connection(UNREACHABLE, connect_timeout=2)
@@ -55,7 +56,7 @@ def test_ensure_connection_gives_up_after_max_retries() -> None:
 
 
 def test_failover_moves_to_the_next_url_at_once(memory_url: str) -> None:
-    pytest.importorskip("psycopg")
+    services.require_module("psycopg")
     waits: list[float] = []
     conn = Connection(f"{UNREACHABLE};{memory_url}")
     conn.ensure_connection(max_retries=1, on_error=lambda e, s: waits.append(s), **FAST)

@@ -10,6 +10,7 @@ from decimal import Decimal
 from typing import Any
 
 import pytest
+import services
 
 from taskframe.transport import Message, serialization
 from taskframe.transport.errors import (
@@ -120,7 +121,7 @@ def test_pickle_refused_unless_accepted() -> None:
 
 
 def test_msgpack_roundtrip() -> None:
-    pytest.importorskip("msgpack")
+    services.require_module("msgpack")
     content_type, encoding, data = dumps({"a": [1, "x", b"\x00"]}, "msgpack")
     assert (content_type, encoding) == ("application/x-msgpack", "binary")
     assert loads(data, content_type, encoding, accept=["msgpack"]) == {"a": [1, "x", b"\x00"]}
@@ -129,7 +130,7 @@ def test_msgpack_roundtrip() -> None:
 
 
 def test_yaml_roundtrip_and_safe_load() -> None:
-    pytest.importorskip("yaml")
+    services.require_module("yaml")
     assert roundtrip({"a": [1, 2], "b": "x"}, "yaml") == {"a": [1, 2], "b": "x"}
     with pytest.raises(DecodeError):
         loads(b"!!python/object/apply:os.getcwd []", "application/x-yaml", "utf-8", ["yaml"])
@@ -227,3 +228,25 @@ def test_a_refused_content_type_is_refused_before_decompression() -> None:
     with pytest.raises(ContentDisallowed):
         ensure_accepted("application/x-python-serialize", ["json"])
     assert ensure_accepted("", ["json"]) == "application/data"
+
+
+def test_decode_body_is_bounded_and_checks_the_content_type_first() -> None:
+    """``Message.decode`` (events, control, rpc replies) has the bound task messages have:
+    ``MAX_BODY_SIZE`` by default, the receiver's own when given, none with ``None``."""
+    content_type, encoding, data = dumps({"pad": "0" * 3_000_000})
+    packed, mime = compress(data, "zlib")
+
+    def message(content: str = content_type, body: bytes = packed) -> Message:
+        return Message(MemoryTransport("memory://serialization"), body=body, delivery_tag=1,
+                       content_type=content, content_encoding=encoding,
+                       headers={"compression": mime})
+
+    with pytest.raises(DecodeError, match="decompresses to more than 1000000 bytes"):
+        message().decode(max_size=1_000_000)
+    with pytest.raises(DecodeError, match="body of 5000 bytes is over the limit of 4000"):
+        message(body=b"\0" * 5000).decode(max_size=4000)
+    assert message().decode()["pad"] == "0" * 3_000_000  # under MAX_BODY_SIZE
+    assert message().decode(max_size=None)["pad"] == "0" * 3_000_000
+    # A refused type is refused as such: its (corrupt) body is never decompressed.
+    with pytest.raises(ContentDisallowed):
+        message("application/x-python-serialize", b"not zlib").decode(["json"], 10)

@@ -6,9 +6,9 @@ import os
 import textwrap
 from pathlib import Path
 
-import pytest
+import services
 
-api = pytest.importorskip("mypy.api")
+api = services.require_module("mypy.api")
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -1,9 +1,9 @@
 """The command-line parts of events: ``taskframe events`` and the worker's event options.
 
 ``worker_event_options`` adds ``-E/--task-events``, ``--heartbeat-interval``,
-``--without-heartbeat``, ``--health-file``, ``--health-port`` and
-``--health-timeout`` to ``taskframe worker``; they set the matching settings on
-the app before the worker is built.
+``--without-heartbeat``, ``--health-file``, ``--health-port``,
+``--health-timeout`` and ``--watchdog`` to ``taskframe worker``; they set the
+matching settings on the app before the worker is built.
 """
 
 from __future__ import annotations
@@ -41,17 +41,21 @@ def worker_event_options(fn: F) -> F:
                   help="Seconds between worker-heartbeat events (default 2).")
     @click.option("--without-heartbeat", is_flag=True, help="Send no worker-heartbeat events.")
     @click.option("--health-file", type=click.Path(dir_okay=False),
-                  help="Touch this file while the consumer loop makes progress; removed "
-                  "when it stalls.")
+                  help="Touch this file while the worker makes progress; removed when it "
+                  "stalls.")
     @click.option("--health-port", type=click.IntRange(min=0, max=65535),
-                  help="Serve HTTP 200 while the consumer loop makes progress, 503 when it "
+                  help="Serve HTTP 200 while the worker makes progress, 503 when it "
                   "stalls (0: any free port, logged).")
     @click.option("--health-timeout", type=click.FloatRange(min=0.1),
-                  help="Seconds without progress before unhealthy (worker_health_timeout).")
+                  help="Seconds without progress (the consumer loop turning, a pool that "
+                  "holds work starting or ending jobs) before stalled (worker_health_timeout).")
+    @click.option("--watchdog", is_flag=True, default=None,
+                  help="Exit with code 75 once stalled, for systemd or Kubernetes to start "
+                  "a new worker (worker_watchdog).")
     @functools.wraps(fn)
     def wrapper(*args: Any, task_events: bool | None, heartbeat_interval: float | None,
                 without_heartbeat: bool, health_file: str | None, health_port: int | None,
-                health_timeout: float | None, **kwargs: Any) -> Any:
+                health_timeout: float | None, watchdog: bool | None, **kwargs: Any) -> Any:
         conf = _app().conf
         if task_events:
             conf.worker_send_task_events = True
@@ -65,6 +69,8 @@ def worker_event_options(fn: F) -> F:
             conf.worker_health_port = health_port
         if health_timeout is not None:
             conf.worker_health_timeout = health_timeout
+        if watchdog:
+            conf.worker_watchdog = True
         return fn(*args, **kwargs)
 
     return wrapper  # type: ignore[return-value]

@@ -285,6 +285,7 @@ class Taskframe:
             # while a client waits: nobody services a heartbeat while they are idle.
             connection=functools.partial(self.connection, heartbeat=0), reply_to=self.origin,
             persistent=bool(c.result_persistent),
+            max_message_size=int(c.worker_max_message_size or 0) or None,
         )
 
     def connection(self, url: str | None = None, *, heartbeat: float | None = None) -> Connection:

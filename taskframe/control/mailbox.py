@@ -30,6 +30,7 @@ from taskframe.clock import LamportClock
 from taskframe.transport import Exchange, Message, Queue
 from taskframe.transport.errors import PublishError, TransportError
 from taskframe.transport.producer import envelope_of, publish_on
+from taskframe.transport.serialization import MAX_BODY_SIZE
 
 if TYPE_CHECKING:
     from taskframe.client.app import Taskframe
@@ -112,12 +113,16 @@ class Mailbox:
         namespace: the ``control_exchange`` setting.
         queue_ttl / queue_expires: seconds (``control_queue_ttl`` / ``control_queue_expires``).
         serializer / accept: how requests are written and which replies are read.
+        max_size: the most bytes a request or reply may have, as received or decompressed
+            (``worker_max_message_size``; ``None``: no bound).
     """
 
     def __init__(self, namespace: str = "celery", *, queue_ttl: float | None = 300.0,
                  queue_expires: float | None = 10.0, serializer: str = "json",
-                 accept: Collection[str] = ("json",), clock: LamportClock | None = None) -> None:
+                 accept: Collection[str] = ("json",), clock: LamportClock | None = None,
+                 max_size: int | None = MAX_BODY_SIZE) -> None:
         self.namespace = namespace
+        self.max_size = max_size
         self.queue_ttl = queue_ttl
         self.queue_expires = queue_expires
         self.serializer = serializer
@@ -275,7 +280,7 @@ class Mailbox:
         if message.headers.get("ticket", ticket) != ticket:
             return None  # a late reply to an earlier request of this client
         try:
-            body = message.decode(self.accept)
+            body = message.decode(self.accept, self.max_size)
         except TransportError as exc:
             logger.warning("unreadable control reply: %s", exc)
             return None
@@ -293,4 +298,5 @@ def mailbox_for(app: Taskframe, clock: Any = None) -> Mailbox:
         queue_ttl=c.control_queue_ttl, queue_expires=c.control_queue_expires,
         serializer=str(c.task_serializer or "json"),
         accept=tuple(c.accept_content or ("json",)), clock=clock,
+        max_size=int(c.worker_max_message_size or 0) or None,
     )

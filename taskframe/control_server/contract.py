@@ -114,6 +114,10 @@ class WorkerState(Protocol):
     def queues(self) -> list[Queue]:
         """The task queues consumed now."""
 
+    def health(self) -> dict[str, Any]:
+        """``stats['health']``: ``status`` (``"ok"``, ``"stalled"``) and ``stall`` (why, or
+        ``None``), as the worker's watchdog last saw them."""
+
     def add_consumer(self, queue: Queue) -> None:
         """Start consuming ``queue`` (asynchronously; returns at once)."""
 

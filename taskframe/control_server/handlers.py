@@ -147,7 +147,10 @@ def registered(state: WorkerState, taskinfoitems: list[str] | None = None,
 
 @_command("inspect")
 def stats(state: WorkerState, **_: Any) -> Any:
-    """Worker statistics with every key Flower reads (``broker`` and ``total`` always)."""
+    """Worker statistics with every key Flower reads (``broker`` and ``total`` always).
+
+    ``health`` is taskframe's own: whether the worker is stalled, and why (Flower shows
+    keys it does not know as they are)."""
     return {
         "total": state.totals(),
         "pid": os.getpid(),
@@ -158,6 +161,7 @@ def stats(state: WorkerState, **_: Any) -> Any:
                               dict(state.app.conf.broker_transport_options or {})),
         "prefetch_count": state.prefetch_count,
         "rusage": rusage(),
+        "health": state.health(),
     }
 
 

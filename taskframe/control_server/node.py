@@ -157,7 +157,8 @@ class ControlNode:
             logger.debug("ack of a control message failed: %s", exc)
         self.state.clock.adjust(message.headers.get("clock"))
         try:
-            request = ControlRequest.from_body(message.decode(self.mailbox.accept))
+            request = ControlRequest.from_body(message.decode(self.mailbox.accept,
+                                                              self.mailbox.max_size))
         except (TransportError, ValueError) as exc:
             logger.warning("unreadable control message dropped: %s", exc)
             return None

@@ -69,12 +69,15 @@ class WorkerControlState:
         consumer: its ``Consumer``.
         revoked / statedb / store: from ``load_revoked``.
         events: the worker's ``WorkerEvents`` (or ``None``).
+        health: the worker's ``Watchdog.status`` (or ``None``: not watched).
     """
 
     def __init__(self, worker: Any, consumer: Consumer, *, revoked: RevokedSet,
                  statedb: StateDB | None = None, store: RevokeStore | None = None,
-                 events: Any = None, clock: LamportClock | None = None) -> None:
+                 events: Any = None, clock: LamportClock | None = None,
+                 health: Callable[[], dict[str, Any]] | None = None) -> None:
         self.worker = worker
+        self._health = health
         self.consumer = consumer
         self._revoked = revoked
         self.statedb = statedb
@@ -164,6 +167,11 @@ class WorkerControlState:
 
     def queues(self) -> list[Queue]:
         return list(self.consumer.queues)
+
+    def health(self) -> dict[str, Any]:
+        if self._health is None:
+            return {"status": "unknown", "stall": None}
+        return self._health()
 
     # -- changing -----------------------------------------------------------------------
 
@@ -280,12 +288,13 @@ class RemoteControl:
     @classmethod
     def start(cls, worker: Any, consumer: Consumer, *, revoked: RevokedSet,
               statedb: StateDB | None = None, store: RevokeStore | None = None,
-              events: Any = None) -> RemoteControl:
+              events: Any = None,
+              health: Callable[[], dict[str, Any]] | None = None) -> RemoteControl:
         """Build the state and, unless remote control is off, start the node."""
         from taskframe.control_server.node import ControlNode
 
         state = WorkerControlState(worker, consumer, revoked=revoked, statedb=statedb,
-                                   store=store, events=events)
+                                   store=store, events=events, health=health)
         sync = None
         if store is not None:
             sync = RevokeSync(revoked, store,

@@ -31,6 +31,7 @@ from taskframe.events.event import (
 )
 from taskframe.transport import Connection, Exchange, Message, Queue
 from taskframe.transport.errors import SerializationError, TransportError
+from taskframe.transport.serialization import MAX_BODY_SIZE
 
 if TYPE_CHECKING:
     from taskframe.client.app import Taskframe
@@ -56,6 +57,8 @@ class EventReceiver:
         exclusive / durable: queue flags (``event_queue_exclusive``, ``event_queue_durable``).
         accept: serializers accepted (default JSON only).
         clock: the Lamport clock to merge event clocks into.
+        max_size: the most bytes an event message may have, as received or decompressed
+            (``worker_max_message_size``; ``None``: no bound).
     """
 
     def __init__(
@@ -73,6 +76,7 @@ class EventReceiver:
         durable: bool = False,
         accept: Collection[str] | None = None,
         clock: Clock | None = None,
+        max_size: int | None = MAX_BODY_SIZE,
     ) -> None:
         self.connection = connection
         self.handlers: dict[str, Handler] = dict(handlers or {})
@@ -89,6 +93,7 @@ class EventReceiver:
             arguments=arguments,
         )
         self.accept = tuple(accept or ("json",))
+        self.max_size = max_size
         self.clock: Clock = clock or LamportClock()
         self._consuming_on: object | None = None
 
@@ -106,6 +111,7 @@ class EventReceiver:
         options.setdefault("exclusive", bool(conf.event_queue_exclusive))
         options.setdefault("durable", bool(conf.event_queue_durable))
         options.setdefault("accept", {conf.event_serializer or "json", "json"})
+        options.setdefault("max_size", int(conf.worker_max_message_size or 0) or None)
         return cls(connection, handlers, **options)
 
     # -- receiving ----------------------------------------------------------------------
@@ -182,7 +188,7 @@ class EventReceiver:
 
     def _events_of(self, message: Message) -> list[dict[str, Any]]:
         try:
-            body = message.decode(self.accept)
+            body = message.decode(self.accept, self.max_size)
         except SerializationError as exc:
             logger.warning("events: unreadable event message (%s)", exc)
             return []

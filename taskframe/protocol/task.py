@@ -21,7 +21,7 @@ from collections.abc import Collection, Mapping
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
-from taskframe.errors import DecodeError, InvalidTaskError
+from taskframe.errors import InvalidTaskError
 from taskframe.protocol.message import TaskMessage
 from taskframe.transport import serialization
 
@@ -365,13 +365,7 @@ def decode_message(message: Message, accept: Collection[str],
         taskframe.transport.errors.ImproperlyConfigured: ``accept`` names an
             unknown serializer (a configuration error, not a message error).
     """
-    serialization.ensure_accepted(message.content_type, accept)
-    data = message.body
-    if max_size is not None and len(data) > max_size:
-        raise DecodeError(f"body of {len(data)} bytes is over the limit of {max_size}")
-    compression = message.headers.get("compression")
-    if compression:
-        data = serialization.decompress(data, str(compression), max_size)
+    data = serialization.body_bytes(message, accept, max_size)
     payload = serialization.loads(data, message.content_type, message.content_encoding,
                                   accept)
     return decode_task(message.headers, message.properties, payload)

@@ -1,19 +1,17 @@
-"""Liveness for probes (Kubernetes): is the worker's consumer loop still making progress?
+"""Liveness for probes (Kubernetes): is the worker still making progress?
 
-The consumer loop records the time of each turn (``progress()`` returns it,
-``time.monotonic()`` seconds). The worker is *healthy* while the last turn is
-less than ``timeout`` seconds (``worker_health_timeout``) old. A loop stuck in
-a task that never yields, in a dead broker socket or in a deadlock stops
-turning, and the probe sees it.
-
-Two ways to tell, either or both:
+What counts as progress, and as a stall, is ``watchdog.ProgressWatch``'s to say:
+the consumer loop turns, and a pool that holds work starts or ends jobs (see
+``taskframe.worker.watchdog``); ``worker_health_timeout`` seconds without it and
+the worker is *stalled*. This module only tells the outside, from the
+``Watchdog``'s last check (about every second):
 
 * ``--health-file PATH``: the file is touched every ``interval`` seconds while
-  healthy and removed once unhealthy or at shutdown. Probe with
+  healthy and removed once stalled or at shutdown. Probe with
   ``test $(( $(date +%s) - $(stat -c %Y PATH) )) -lt 30`` (an ``exec`` probe).
 * ``--health-port PORT``: ``GET`` any path answers ``200`` with a JSON body
-  while healthy, ``503`` once unhealthy (an ``httpGet`` probe). Port 0 picks a
-  free port; ``port`` says which, and the worker logs it.
+  while healthy, ``503`` once stalled (an ``httpGet`` probe), the body saying
+  why. Port 0 picks a free port; ``port`` says which, and the worker logs it.
 """
 
 from __future__ import annotations
@@ -23,11 +21,13 @@ import json
 import logging
 import os
 import threading
-import time
 from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from taskframe.worker.watchdog import Watchdog
 
 __all__ = ["HealthMonitor", "start_health"]
 
@@ -35,11 +35,12 @@ logger = logging.getLogger("taskframe.events.health")
 
 
 class HealthMonitor:
-    """Reports whether ``progress()`` is recent, through a file and/or an HTTP port.
+    """Reports what ``status()`` says through a file and/or an HTTP port.
 
     Args:
-        progress: the ``time.monotonic()`` of the consumer loop's last turn.
-        timeout: seconds without progress before the worker counts as unhealthy.
+        status: ``Watchdog.status()``: a dict whose ``"status"`` is ``"ok"`` while the
+            worker progresses (``"stalled"`` otherwise).
+        timeout: seconds without progress before a stall (for the log lines).
         path: the liveness file, or ``None``.
         port: the HTTP port (0: any free one), or ``None``.
         host: the address the HTTP server binds (all interfaces by default, for probes
@@ -47,10 +48,10 @@ class HealthMonitor:
         hostname: the node name shown in the HTTP answer.
     """
 
-    def __init__(self, progress: Callable[[], float], *, timeout: float,
+    def __init__(self, status: Callable[[], dict[str, Any]], *, timeout: float,
                  path: str | os.PathLike[str] | None = None, port: int | None = None,
                  host: str = "0.0.0.0", hostname: str = "") -> None:
-        self.progress = progress
+        self._status = status
         self.timeout = float(timeout)
         self.path = Path(path) if path is not None else None
         self.requested_port = port
@@ -66,19 +67,13 @@ class HealthMonitor:
         """The port the HTTP server listens on (``None`` when there is none)."""
         return None if self._server is None else int(self._server.server_address[1])
 
-    def age(self) -> float:
-        """Seconds since the consumer loop last made progress."""
-        return max(0.0, time.monotonic() - self.progress())
-
     def healthy(self) -> bool:
-        """True while the loop made progress within ``timeout`` seconds."""
-        return self.age() < self.timeout
+        """True while the worker progresses."""
+        return bool(self._status().get("status") == "ok")
 
     def status(self) -> dict[str, Any]:
-        """What the HTTP endpoint answers."""
-        healthy = self.healthy()
-        return {"status": "ok" if healthy else "stalled", "hostname": self.hostname,
-                "seconds_since_progress": round(self.age(), 3), "timeout": self.timeout}
+        """What the HTTP endpoint answers: the status, with this node's name."""
+        return {**self._status(), "hostname": self.hostname}
 
     # -- lifecycle ----------------------------------------------------------------------
 
@@ -123,19 +118,15 @@ class HealthMonitor:
             if self.healthy():
                 self.path.touch()
             elif self.path.exists():
-                logger.error("health: no progress for %.1f s: removing %s", self.age(),
+                logger.error("health: stalled (%s): removing %s", self._status().get("stall"),
                              self.path)
                 self.path.unlink()
         except OSError as exc:
             logger.warning("health: cannot update %s: %s", self.path, exc)
 
 
-def start_health(conf: Any, consumer: Any, hostname: str) -> HealthMonitor | None:
+def start_health(conf: Any, watchdog: Watchdog, hostname: str) -> HealthMonitor | None:
     """Start the worker's liveness reporting as configured; ``None`` when not asked for.
-
-    ``consumer`` is the worker's ``Consumer``: its ``last_turn`` is the progress; while
-    it is ``stopping`` (a warm shutdown waits for running tasks, the loop does not turn)
-    the worker counts as healthy.
 
     Raises:
         ImproperlyConfigured: the health port cannot be bound.
@@ -143,11 +134,7 @@ def start_health(conf: Any, consumer: Any, hostname: str) -> HealthMonitor | Non
     path, port = conf.worker_health_file, conf.worker_health_port
     if not path and port is None:
         return None
-
-    def progress() -> float:
-        return time.monotonic() if consumer.stopping else float(consumer.last_turn)
-
-    monitor = HealthMonitor(progress, timeout=float(conf.worker_health_timeout or 60.0),
+    monitor = HealthMonitor(watchdog.status, timeout=watchdog.watch.timeout,
                             path=path or None, port=port, hostname=hostname)
     try:
         monitor.start()

@@ -3,8 +3,14 @@
 ``start()``:
   logging -> import task modules -> ``worker_init`` -> connect to the broker
   (retrying as configured) -> event receivers -> pool -> events (``worker-online``,
-  threads) -> consumer -> health check -> signal handlers ->
-  ``worker_ready`` -> the receive loop.
+  threads) -> consumer -> health check -> remote control -> signal handlers ->
+  ``worker_ready`` -> watchdog -> the receive loop.
+
+The watchdog (``taskframe.worker.watchdog``) checks about every second that the
+consumer loop turns and that a pool holding work starts or ends jobs; remote
+control (``inspect stats``) and the health check report what it saw. With
+``worker_watchdog`` a stall starts a cold shutdown and the process exits with
+``EX_WEDGED`` (75), within ``EXIT_GRACE`` seconds even if the shutdown hangs.
 
 ``stop`` (first SIGTERM/SIGINT, warm): stop taking messages, give back the
 reserved ones, let running tasks finish and settle them, close. With
@@ -35,12 +41,13 @@ from taskframe.log import setup_logging
 from taskframe.pools import get_pool_class
 from taskframe.worker.consumer import Consumer
 from taskframe.worker.health import HealthMonitor, start_health
+from taskframe.worker.watchdog import EX_WEDGED, ProgressWatch, Stall, Watchdog
 
 if TYPE_CHECKING:
     from taskframe.client.app import Taskframe
     from taskframe.transport import Queue
 
-__all__ = ["EX_COLD_SHUTDOWN", "EX_OK", "EX_SOFTWARE", "EX_UNAVAILABLE", "Worker",
+__all__ = ["EX_COLD_SHUTDOWN", "EX_OK", "EX_SOFTWARE", "EX_UNAVAILABLE", "EX_WEDGED", "Worker",
            "expand_hostname"]
 
 logger = logging.getLogger("taskframe.worker")
@@ -112,6 +119,7 @@ class Worker:
         self.consumer: Consumer | None = None
         self.events: WorkerEvents | None = None
         self.health: HealthMonitor | None = None
+        self.watchdog: Watchdog | None = None
         self.remote: RemoteControl | None = None
         self._cold = threading.Event()
         self._signals_seen = 0
@@ -130,18 +138,7 @@ class Worker:
         self.app.origin = self.hostname
         signals.worker_init.send(sender=self)
         connection = self.app.connection(conf.broker_read_url or None)
-        max_retries = conf.broker_connection_max_retries \
-            if conf.broker_connection_retry_on_startup else 0
-        try:
-            connection.ensure_connection(
-                max_retries=max_retries,
-                on_error=lambda exc, wait: logger.error(
-                    "Cannot connect to %s: %s. Trying again in %.1f s",
-                    connection.safe_url(), exc, wait),
-            )
-        except BrokerConnectionError as exc:
-            logger.critical("Cannot connect to the broker %s: %s. Giving up.",
-                            connection.safe_url(), exc)
+        if not self._connect(connection):
             return EX_UNAVAILABLE
         # The receivers before the pool (forked pool children inherit them), the event
         # threads after it: a prefork pool forks its fork server while this process runs
@@ -164,14 +161,17 @@ class Worker:
         revoked, statedb, store = load_revoked(self.app, conf.worker_state_db)
         self.consumer.revoked = revoked
         try:
-            self.health = start_health(self.app.conf, self.consumer, self.hostname)
+            self.watchdog = self._watchdog(self.consumer)
+            self.health = start_health(self.app.conf, self.watchdog, self.hostname)
             self.consumer.start_consuming()
             self.remote = RemoteControl.start(self, self.consumer, revoked=revoked,
-                                              statedb=statedb, store=store, events=self.events)
+                                              statedb=statedb, store=store, events=self.events,
+                                              health=self.watchdog.status)
             if self.install_signal_handlers:
                 self._install_signal_handlers()
             self._log_banner(connection.safe_url())
             signals.worker_ready.send(sender=self)
+            self.watchdog.start()  # here: a slow start is no stall of the loop
             self.consumer.run()
         except BrokerConnectionError as exc:
             logger.critical("Lost the broker and could not reconnect: %s. Exiting.", exc)
@@ -179,6 +179,35 @@ class Worker:
         finally:
             self._shutdown(pool, connection)
         return self.exit_code
+
+    def _connect(self, connection: Any) -> bool:
+        """Connect to the broker, retrying as configured; False (logged) when it gave up."""
+        conf = self.app.conf
+        max_retries = conf.broker_connection_max_retries \
+            if conf.broker_connection_retry_on_startup else 0
+        try:
+            connection.ensure_connection(
+                max_retries=max_retries,
+                on_error=lambda exc, wait: logger.error(
+                    "Cannot connect to %s: %s. Trying again in %.1f s",
+                    connection.safe_url(), exc, wait),
+            )
+        except BrokerConnectionError as exc:
+            logger.critical("Cannot connect to the broker %s: %s. Giving up.",
+                            connection.safe_url(), exc)
+            return False
+        return True
+
+    def _watchdog(self, consumer: Consumer) -> Watchdog:
+        conf = self.app.conf
+        watch = ProgressWatch(consumer, float(conf.worker_health_timeout or 60.0))
+        return Watchdog(watch, on_stall=self._on_stall if conf.worker_watchdog else None)
+
+    def _on_stall(self, stall: Stall) -> None:
+        """``worker_watchdog``: the worker is wedged; a cold shutdown, and a non-zero exit
+        so that the service manager starts another (the watchdog thread logged why)."""
+        self.exit_code = EX_WEDGED
+        self.stop(cold=True)
 
     def queues(self) -> list[Queue]:
         """The queues to consume."""
@@ -215,8 +244,9 @@ class Worker:
                 if not self._cold.is_set():
                     finished = consumer.wait_for_running(
                         time.monotonic() + ABORT_GRACE, self._cold)
-            if not finished:
+            if not finished and self.exit_code == EX_OK:
                 self.exit_code = EX_COLD_SHUTDOWN
+            if not finished:
                 logger.warning("cold shutdown: %d running task(s) not finished; their "
                                "unacked messages go back to the broker", consumer.running)
         except TransportError as exc:
@@ -230,6 +260,8 @@ class Worker:
         pool.stop(wait=not self._cold.is_set(), timeout=1.0)
         if self.health is not None:
             self.health.stop()
+        if self.watchdog is not None:
+            self.watchdog.stop()
         if self.events is not None:
             self.events.stop()  # worker-offline, after the last task events
         connection.close()
