@@ -200,3 +200,22 @@ def test_a_slow_result_store_does_not_stall_the_consumer_loop(tmp_path: Path) ->
         admin.close()
         scene.close()
         store.stop()
+
+
+@pytest.mark.slow
+def test_the_watchdog_leaves_a_reconnecting_worker_alone(scene: Scene) -> None:
+    """Redis is down for longer than the health timeout: the worker is reconnecting, which
+    is what it should do, not a wedge, so ``--watchdog`` does not make it exit (a restart
+    would lose what the worker holds and could not connect either); once Redis is back
+    the worker runs the tasks sent meanwhile and exits 0."""
+    proc = scene.workers.start("-P", "threads", "-c", "2", "--health-timeout", "2",
+                               "--watchdog")
+    scene.module.record.delay(1)
+    wait_until(lambda: scene.runs().get(1) == 1, 60, "the first task")
+    scene.server.stop()
+    time.sleep(7.0)  # three health timeouts and more
+    assert proc.poll() is None, scene.workers.log_text()[-3000:]
+    scene.server.start()
+    scene.module.record.delay(2)
+    wait_until(lambda: scene.runs().get(2) == 1, 60, "the task sent after the outage")
+    assert scene.stop() == [0], scene.workers.log_text()[-5000:]

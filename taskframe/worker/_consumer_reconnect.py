@@ -44,6 +44,7 @@ class Reconnection:
     timers: list[tuple[float, int, Request]]
     limited: list[tuple[float, int, Request]]
     active: dict[str, Request]
+    reconnecting: bool
 
     if TYPE_CHECKING:  # the steps of the consumer's other parts that reconnection needs
         def _take_back(self) -> list[Request]: ...
@@ -64,11 +65,15 @@ class Reconnection:
         self.timers.clear()
         self.limited.clear()
         self.reserved.clear()
-        kept = self.connection.reconnect(
-            max_retries=self.app.conf.broker_connection_max_retries,
-            on_error=lambda err, wait: logger.warning(
-                "Broker unreachable: %s. Trying again in %.1f s", err, wait),
-        )
+        self.reconnecting = True  # not a wedge (``watchdog``): the loop waits on purpose
+        try:
+            kept = self.connection.reconnect(
+                max_retries=self.app.conf.broker_connection_max_retries,
+                on_error=lambda err, wait: logger.warning(
+                    "Broker unreachable: %s. Trying again in %.1f s", err, wait),
+            )
+        finally:
+            self.reconnecting = False
         if kept:
             # Redis, SQL: the deliveries are still ours. Running tasks keep theirs (their
             # acks go as usual); the ones not started go back to their queues now, for

@@ -89,6 +89,7 @@ class Consumer(Intake, Timers, Settling, Reconnection):
         self._thread = threading.current_thread()
         self._last_maintain = 0.0
         self.last_turn = time.monotonic()  # progress, for the health check
+        self.reconnecting = False  # True while the loop waits for the broker (not a wedge)
         self._stop = threading.Event()
         conf = app.conf
         self.rate_limits = RateLimits()

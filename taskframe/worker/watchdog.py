@@ -13,7 +13,9 @@ What counts as *stalled*, with ``timeout`` = ``worker_health_timeout``:
 ``loop``
     The consumer loop has not turned for ``timeout`` seconds (it turns at least
     twice a second while it runs). Not during a warm shutdown, when it waits for
-    running tasks on purpose. A reconnection that lasts longer counts.
+    running tasks on purpose, nor while it reconnects to the broker: that is what it
+    should do, and a restart would lose what the worker holds on Redis and SQL and
+    could not connect either (the log says "Broker unreachable ... Trying again").
 ``pool``
     Jobs handed to the pool wait for a slot while a slot is free (fewer jobs
     started than ``concurrency``), and no job started or ended for ``timeout``
@@ -94,8 +96,9 @@ class ProgressWatch:
         self._since = time.monotonic()
 
     def loop_age(self) -> float:
-        """Seconds since the consumer loop's last turn (0 during a warm shutdown)."""
-        if self.consumer.stopping:
+        """Seconds since the consumer loop's last turn (0 during a warm shutdown or a
+        reconnection)."""
+        if self.consumer.stopping or self.consumer.reconnecting:
             return 0.0
         return max(0.0, time.monotonic() - self.consumer.last_turn)
 
