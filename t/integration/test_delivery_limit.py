@@ -31,7 +31,7 @@ from typing import Any
 import pytest
 import services
 import sqlalchemy as sa
-from workers import ProjectImport, WorkerProcs, wait_until
+from workers import ProjectImport, WorkerProcs, expect, wait_until
 
 from taskframe import states
 from taskframe.errors import DeliveryLimitExceeded
@@ -213,6 +213,8 @@ def test_a_message_whose_worker_is_killed_stops_after_the_limit(holder_fleet: Fl
                    f"run {run} of the held task")
         victim.send_signal(signal.SIGKILL)
         victim.wait()
+        expect(victim, exit_codes={-signal.SIGKILL},
+               why="the test kills the worker holding the message")
     fleet.start("-P", "threads", "-c", "1")  # restores it after the visibility timeout
     _assert_stopped(fleet, result, 2)
     assert fleet.mod.add.delay(1, 1).get(timeout=30) == 2
