@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any
 
 import services
-from workers import WorkerProcs, wait_until
+from workers import WorkerProcs, expect, wait_until
 
 PROJ_DIR = Path(__file__).resolve().parent / "fproj"
 sys.path.insert(0, str(PROJ_DIR))
@@ -182,6 +182,9 @@ class Run:
         """``kill -9`` a worker or a pool child; with ``tally(at_most_once=True)`` a task
         whose one start died with it counts as interrupted, not lost."""
         self.killed.add(pid)
+        for proc in self.workers.procs:
+            if proc.pid == pid:  # the tests' worker check: this exit is the scenario's own
+                expect(proc, exit_codes={-signal.SIGKILL}, why="the fault scenario kills it")
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from faults.harness import Tally, unhandled_errors
 from faults.scenarios import Scenarios, check, shared_broker
+from workers import expect
 
 LOGGED = """[2026-01-01 10:00:00,000: ERROR/MainProcess] could not store a result
 Traceback (most recent call last):
@@ -46,7 +47,8 @@ def test_check_fails_each_broken_promise() -> None:
 
 def test_a_real_worker_s_unhandled_thread_exception_is_seen(faults: Scenarios) -> None:
     run = faults.open_run(shared_broker("redis"))
-    run.start_worker("-P", "threads", "-c", "2")
+    proc = run.start_worker("-P", "threads", "-c", "2")
+    expect(proc, unhandled_ok=True, why="the test makes it log an unhandled thread exception")
     run.send(3)
     run.client.send_task("fproj.crash_a_thread", ignore_result=True)
     run.send(3)
