@@ -18,6 +18,7 @@ import time
 import pytest
 from faults.harness import descendants_of
 from faults.scenarios import Scenarios, shared_broker
+from workers import wait_until
 
 POOLS = {"threads": ("-P", "threads", "-c", "4"), "prefork": ("-P", "prefork", "-c", "2")}
 TASKS = 24
@@ -92,6 +93,10 @@ def test_kill_at_the_start_of_an_early_ack_body(faults: Scenarios, kind: str,
         run.sent.append(doomed)
         first = run.start_worker(*POOLS[pool], wait=pool != "threads")  # threads: it dies
         run.wait_until_started([doomed], 60)
+        # The body writes "start" then "doomed" (with its pid) before it dies: wait for the
+        # second, or a read in between misses the pid and counts the start as lost.
+        wait_until(lambda run=run: any(k == "doomed" for k, _, _ in run.records()), 60,
+                   "the doomed task to name its process")
         run.killed.update(pid for kind_, _, pid in run.records() if kind_ == "doomed")
         if pool == "threads":
             first.wait(30)
