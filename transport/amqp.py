@@ -406,6 +406,20 @@ class AMQPTransport(Transport):
         for message in messages:
             message.state = MessageState.ACKED
 
+    def ack_now(self, messages: Sequence[Message]) -> None:
+        """Ack, then wait for the reply to a synchronous method on the same channel.
+
+        AMQP 0-9-1 does not answer ``basic.ack``, but a channel handles its methods in
+        order: the ``basic.qos-ok`` of a ``basic.qos`` sent after the acks (the bound
+        we already have, so nothing changes) means the broker has processed them. One
+        round trip for the batch; the bytes of an ack only written may still be lost
+        with the link (a cut, a black hole, a broker stopping).
+        """
+        if messages:
+            self.ack_many(messages)
+        with self._link.translate("confirming acks", channel_lost=True):
+            self._qos(self._prefetch)
+
     def reject(self, message: Message, *, requeue: bool) -> None:
         link = self._link
         link.require()

@@ -369,6 +369,23 @@ class Transport(abc.ABC):
         for message in messages:
             message.ack()
 
+    def ack_now(self, messages: Sequence[Message]) -> None:
+        """Ack held messages and return only once the broker has them.
+
+        An early ack (``acks_late`` off) promises that the task runs at most once, so the
+        worker calls this before the body starts: once it returns, neither a crash of the
+        worker nor a dropped link brings the messages back. ``ack_many`` may leave acks
+        in a buffer for a later round trip; this never does. The default suits
+        transports whose ``ack_many`` is synchronous.
+
+        Raises:
+            TransportError: the broker could not be told. Where ``keeps_deliveries`` is
+                True the acks are kept, the messages count as ACKED, and ``connect()``
+                writes the acks before it returns; elsewhere (AMQP) the broker may or may
+                not have them.
+        """
+        self.ack_many(messages)
+
     @abc.abstractmethod
     def reject(self, message: Message, *, requeue: bool) -> None:
         """Give a held message back (``requeue``) or drop it. Use ``Message.reject()``.

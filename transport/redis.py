@@ -412,6 +412,11 @@ class RedisTransport(Transport):
             return
         self._claims.ack_later(messages)
 
+    def ack_now(self, messages: Sequence[Message]) -> None:
+        """Ack held messages now, in one MULTI/EXEC with the acks that wait for a claim."""
+        self._claims.ack_later(messages)
+        self._claims.send_acks(self._client)
+
     def reject(self, message: Message, *, requeue: bool) -> None:
         tag = str(message.delivery_tag)
         if tag not in self._claims.held:

@@ -120,10 +120,15 @@ class Claims:
                 self.acks_due.append(tag)
             message.state = MessageState.ACKED
 
-    def send_acks(self, client: redis.Redis) -> None:
-        """Send the acks that ``ack_later`` keeps for the next claim, in one MULTI/EXEC."""
+    def send_acks(self, client: redis.Redis | None) -> None:
+        """Send the acks that ``ack_later`` keeps for the next claim, in one MULTI/EXEC.
+
+        If the link fails (or is down: ``client`` None) they stay due, for the next try.
+        """
         if not self.acks_due:
             return
+        if client is None:
+            raise ConnectionLost(f"{self._owner}: not connected")
         acks, self.acks_due = self.acks_due, []
         try:
             with translate_errors(f"ack of {len(acks)} message(s)"):
@@ -134,6 +139,7 @@ class Claims:
                 removed = pipe.execute()[1:]
         except TransportError:
             self.acks_due = acks + self.acks_due  # sent again on the next try
+            self._maybe_acked.update(acks)  # the reply may be what was lost
             raise
         for tag, count in zip(acks, removed, strict=True):
             if not count and tag not in self._maybe_acked:

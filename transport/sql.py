@@ -347,6 +347,10 @@ class SQLTransport(Transport):
             return
         self._claims.ack_many(messages)
 
+    def ack_now(self, messages: Sequence[Message]) -> None:
+        """Delete the rows now (one commit); a database that is down raises."""
+        self._claims.ack_many(messages, now=True)
+
     def reject(self, message: Message, *, requeue: bool) -> None:
         self._claims.settle(message.delivery_tag, delete=not requeue,
                             action="requeue" if requeue else "reject")

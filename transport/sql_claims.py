@@ -181,8 +181,12 @@ class Claims:
             self._owner, action, tag, self._visibility_timeout,
         )
 
-    def ack_many(self, messages: Sequence[Message]) -> None:
-        """Delete several held messages' rows in one statement (one commit)."""
+    def ack_many(self, messages: Sequence[Message], *, now: bool = False) -> None:
+        """Delete several held messages' rows in one statement (one commit).
+
+        With the database down the deletes wait in ``settles_due`` (the messages count
+        as ACKED); with ``now`` the error is raised too (``Transport.ack_now``).
+        """
         for message in messages:
             message._check_unsettled()
         table = self._messages
@@ -201,15 +205,21 @@ class Claims:
                         len(tags), exc)
             self.settles_due.update(dict.fromkeys(tags))
             count = len(tags)
-        for message in messages:
-            self.held.discard(message.delivery_tag)
-            message.state = MessageState.ACKED
+            if now:
+                self._settled(messages)
+                raise
+        self._settled(messages)
         if count < len(tags):
             logger.warning(
                 "%s: ack of %d messages: %d claims were lost (visibility timeout of %.1fs "
                 "passed without maintain()?); those may run again",
                 self._owner, len(tags), len(tags) - count, self._visibility_timeout,
             )
+
+    def _settled(self, messages: Sequence[Message]) -> None:
+        for message in messages:
+            self.held.discard(message.delivery_tag)
+            message.state = MessageState.ACKED
 
     def resume(self) -> None:
         """After connecting again: write the settles that waited, release the rows a claim

@@ -34,25 +34,8 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 # Scenarios that fail today because of a defect that is open, named here so that every run
 # says so (deselected, and listed with this reason at the end of the run) instead of going
 # red or being dropped. Run them with --run-open-defects. Remove an entry when its defect is
-# fixed.
-EARLY_ACK_WINDOW = (
-    "OPEN DEFECT (issue 14, Why 6): early acks are batched, so the ack of a task that has just "
-    "started may not have reached the broker when the worker dies or its RabbitMQ link drops; "
-    "the broker then delivers it again and an early-ack task runs twice"
-)
-OPEN_DEFECTS = {
-    "test_kill.py::test_kill_at_the_start_of_an_early_ack_body[redis-threads]": EARLY_ACK_WINDOW,
-    "test_kill.py::test_kill_at_the_start_of_an_early_ack_body[amqp-threads]": EARLY_ACK_WINDOW,
-    "test_kill.py::test_kill_worker[redis-early-threads]": EARLY_ACK_WINDOW,
-    "test_kill.py::test_kill_worker[redis-early-prefork]": EARLY_ACK_WINDOW,
-    "test_kill.py::test_kill_worker[amqp-early-threads]": EARLY_ACK_WINDOW,
-    "test_kill.py::test_kill_worker[amqp-early-prefork]": EARLY_ACK_WINDOW,
-    "test_link.py::test_link[cut-amqp-early-threads]": EARLY_ACK_WINDOW,
-    "test_link.py::test_link[cut-amqp-early-prefork]": EARLY_ACK_WINDOW,
-    "test_link.py::test_link[blackhole-amqp-early-threads]": EARLY_ACK_WINDOW,
-    "test_link.py::test_link[blackhole-amqp-early-prefork]": EARLY_ACK_WINDOW,
-    "test_restart.py::test_rabbitmq_restart[early]": EARLY_ACK_WINDOW,
-}
+# fixed. (Empty: the early-ack window of issue 14, Why 6, was the last.)
+OPEN_DEFECTS: dict[str, str] = {}
 
 
 _OPEN: pytest.StashKey[list[str]] = pytest.StashKey()

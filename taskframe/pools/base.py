@@ -134,6 +134,16 @@ class Pool(abc.ABC):
         return max(0, self.concurrency - self.active)
 
     @property
+    def missing_slots(self) -> int:
+        """Slots that cannot take a job now because they are being made (a prefork child
+        that replaces one that exited; a fork server that does not answer).
+
+        The consumer hands an early-ack job (acknowledged before it is submitted) only to
+        a slot that exists and is free. The default suits pools whose slots never go away.
+        """
+        return 0
+
+    @property
     def queue_ahead(self) -> int:
         """Jobs the consumer may submit beyond ``concurrency`` (default none).
 

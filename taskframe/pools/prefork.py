@@ -174,6 +174,14 @@ class PreforkPool(Supervisor, Pool):
         """
         return self.concurrency
 
+    @property
+    def missing_slots(self) -> int:
+        """Slots without a live child: one that exited (``max_tasks_per_child``, a crash)
+        and is being replaced, or cannot be while the fork server does not answer."""
+        with self._lock:
+            live = sum(1 for c in self._children if not c.retiring)
+        return max(0, self.concurrency - live)
+
     def take_back(self) -> list[TaskJob]:
         """Remove and return the jobs waiting for a child (never started)."""
         with self._lock:

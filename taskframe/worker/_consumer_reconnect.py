@@ -74,12 +74,17 @@ class Reconnection:
             )
         finally:
             self.reconnecting = False
+        # Early-ack requests whose ack was sent as they were about to start (``_start``).
+        acked = [r for r in waiting if r.message.state is MessageState.ACKED]
         if kept:
             # Redis, SQL: the deliveries are still ours. Running tasks keep theirs (their
             # acks go as usual); the ones not started go back to their queues now, for
-            # any consumer (their claims may have lapsed while the link was down).
+            # any consumer (their claims may have lapsed while the link was down). The
+            # acked ones run now: ``connect()`` wrote their acks before it returned.
             for request in waiting:
-                self._settle(request, REQUEUE)
+                if request not in acked:
+                    self._settle(request, REQUEUE)
+            self.reserved.extend(acked)
         else:
             # AMQP: the broker gives back what was received on the dropped link by itself.
             # Forget it (running tasks still finish; their late acks are skipped).
@@ -87,5 +92,11 @@ class Reconnection:
                 if not request.message.settled:
                     request.message.state = MessageState.LOST
             self.held = 0
+            if acked:
+                # At most once: each was acked, or is back in its queue, not both.
+                logger.warning(
+                    "%d early-ack task(s) not run: the link dropped before the broker "
+                    "confirmed their acks (it gives back those it did not get): %s",
+                    len(acked), ", ".join(f"{r.name}[{r.id}]" for r in acked))
         self.start_consuming()
         logger.info("Reconnected to %s", self.connection.safe_url())

@@ -1,9 +1,11 @@
 """Settling: the acks, rejects and requeues of messages whose run is decided.
 
-Pool threads report through ``Consumer.report`` (``job.on_accepted`` for early
-acks, ``job.on_done`` for late ones and to free the slot); what they report off
-the loop's thread waits on ``Consumer.completions`` until the loop drains it.
-Acks go to the broker in batches; rejects and requeues one at a time.
+Early acks are not settled here: the loop sends them, and waits for the broker to
+have them, before it submits the job (``Consumer._start``). Pool threads report late
+acks and the end of a job (``job.on_done``, which frees the slot) through
+``Consumer.report``; what they report off the loop's thread waits on
+``Consumer.completions`` until the loop drains it. Late acks go to the broker in
+batches; rejects and requeues one at a time.
 """
 
 from __future__ import annotations
@@ -110,8 +112,8 @@ class Settling:
     def report(self, request: Request, action: str) -> None:
         """Called by jobs (any thread): settle now on the loop's thread, else queue it.
 
-        An ack reported on the loop's thread (a pool that accepts a job as it is
-        submitted, like prefork) joins the next batch instead of costing a round trip.
+        An ack reported on the loop's thread joins the next batch instead of costing a
+        round trip.
         """
         if threading.current_thread() is self._thread:
             if action == ACK:
@@ -152,13 +154,12 @@ class Settling:
     # -- what jobs report (any thread) ------------------------------------------------
 
     def _on_accepted(self, job: TaskJob) -> None:
-        """A pool slot took the job (any thread): early acks go now."""
+        """A pool slot took the job (any thread); an early ack was sent before ``submit``
+        (``Consumer._start``)."""
         request: Request = job.request
         request.started = True
         with self._totals_lock:
             self.totals[request.task.name] += 1
-        if not request.acks_late:
-            self.report(request, ACK)
 
     def total_counts(self) -> dict[str, int]:
         """Tasks accepted so far, by name (a copy; safe from any thread)."""

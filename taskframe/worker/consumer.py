@@ -37,6 +37,7 @@ from typing import TYPE_CHECKING, Any
 
 from taskframe.errors import TransportError
 from taskframe.pools.base import TaskJob
+from taskframe.transport.base import MessageState
 from taskframe.transport.errors import BrokerConnectionError, ConnectionLost
 from taskframe.worker._consumer_intake import Intake
 from taskframe.worker._consumer_reconnect import Reconnection
@@ -149,7 +150,7 @@ class Consumer(Intake, Timers, Settling, Reconnection):
         self._start_reserved()
         self._maintain()
         bound = self._update_qos()
-        busy = self.running >= self._capacity()
+        busy = self._busy()
         if busy and len(self.reserved) > self.pool.concurrency:
             # Enough work waits for the busy pool: the next event that matters is a
             # completion, not a message. py-spy on a no-op drain (solo, Redis and AMQP)
@@ -157,7 +158,7 @@ class Consumer(Intake, Timers, Settling, Reconnection):
             # (which free the prefetch window) waited for poll() to return, then one
             # broker round trip per ack and per claim of one message. Here acks pile up
             # while the reserved work drains and go in one batch before the next poll
-            # (or when no completion came for a while: a slow task's early ack waits at
+            # (or when no completion came for a while: a slow task's late ack waits at
             # most that long); polls take bigger batches.
             if not self._wait_for_completion(0.05, flush=False):
                 self._flush_acks()
@@ -244,9 +245,12 @@ class Consumer(Intake, Timers, Settling, Reconnection):
     # -- the pool's slots -------------------------------------------------------------
 
     def _start_reserved(self) -> None:
-        capacity = self._capacity()
-        while self.reserved and self.running < capacity and not self.stopping:
-            request = self.reserved.popleft()
+        starting: list[Request] = []
+        while self.reserved and not self.stopping:
+            request = self.reserved[0]
+            if self.running >= self._room(request):
+                break
+            self.reserved.popleft()
             if request.expired():
                 self._revoke_expired(request)
                 continue
@@ -258,6 +262,29 @@ class Consumer(Intake, Timers, Settling, Reconnection):
                 heapq.heappush(self.limited, (time.monotonic() + wait, next(self._seq), request))
                 continue
             self.running += 1
+            starting.append(request)
+        if starting:
+            self._start(starting)
+
+    def _start(self, starting: list[Request]) -> None:
+        """Ack the early-ack ones and wait until the broker has the acks; submit all.
+
+        An early ack promises that the task runs at most once: its ack reaches the broker
+        before its body starts (one round trip per batch, ``Transport.ack_now``), so a
+        crash or a dropped link cannot hand it out again. If the broker cannot be told,
+        nothing starts: the loop reconnects (``_reconnect`` decides what runs then).
+        """
+        early = [r.message for r in starting if not r.acks_late and not r.message.settled]
+        if early:
+            try:
+                self.connection.transport.ack_now(early)
+            except TransportError:
+                self.running -= len(starting)
+                self.reserved.extendleft(reversed(starting))
+                raise
+            finally:
+                self.held -= sum(m.state is MessageState.ACKED for m in early)
+        for request in starting:
             self.active[request.id] = request
             request.job = self._job(request)
             self.pool.submit(request.job)
@@ -269,11 +296,32 @@ class Consumer(Intake, Timers, Settling, Reconnection):
             return self.pool.concurrency
         return self.pool.concurrency + self.pool.queue_ahead
 
+    def _room(self, request: Request) -> int:
+        """How many jobs may be in the pool for ``request`` to join them: an early-ack
+        job goes only to a free slot that exists (``Pool.missing_slots``): acked, then
+        held behind others or for a slot being made, it would be lost with the worker."""
+        if request.acks_late:
+            return self._capacity()
+        return self.pool.concurrency - self.pool.missing_slots
+
+    def _busy(self) -> bool:
+        """True when the pool has no room for the next reserved request."""
+        if self.reserved:
+            return self.running >= self._room(self.reserved[0])
+        return self.running >= self._capacity()
+
     def _take_back(self) -> list[Request]:
-        """The requests the pool holds and no slot started: out of ``running`` again."""
+        """The requests the pool holds and no slot started: out of ``running`` again.
+
+        An early-ack job among them was acked already: it goes back to the pool to run
+        (a slot was free when it was submitted; it only had not taken it yet).
+        """
         requests = []
         for job in self.pool.take_back():
             request: Request = job.request
+            if not request.acks_late and request.message.state is MessageState.ACKED:
+                self.pool.submit(job)
+                continue
             self.running -= 1
             if self.active.get(request.id) is request:
                 del self.active[request.id]
@@ -313,7 +361,7 @@ class Consumer(Intake, Timers, Settling, Reconnection):
         short."""
         while self.running > 0 or self.store_writes.pending:
             if cold.is_set() or (deadline is not None and time.monotonic() >= deadline):
-                self._flush_acks()  # the tasks that started were acked early
+                self._flush_acks()  # late acks of the tasks that ended
                 return False
             self._wait_for_completion(0.1)
             self._run_calls()  # the settles that follow store writes

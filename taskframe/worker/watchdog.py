@@ -17,9 +17,9 @@ What counts as *stalled*, with ``timeout`` = ``worker_health_timeout``:
     should do, and a restart would lose what the worker holds on Redis and SQL and
     could not connect either (the log says "Broker unreachable ... Trying again").
 ``pool``
-    Jobs handed to the pool wait for a slot while a slot is free (fewer jobs
-    started than ``concurrency``), and no job started or ended for ``timeout``
-    seconds.
+    Jobs handed to the pool, or reserved for it, wait for a slot while a slot is
+    free (fewer jobs started than ``concurrency``), and no job started or ended for
+    ``timeout`` seconds.
 ``time_limit``
     A job has run ``timeout`` seconds past its hard time limit on a pool that
     enforces time limits (prefork, gevent, eventlet, asyncio): the pool did not
@@ -116,7 +116,8 @@ class ProgressWatch:
         consumer, now = self.consumer, time.monotonic()
         requests = list(consumer.active.values())  # a copy: pool threads change it
         started = sum(1 for r in requests if r.started)
-        waiting = len(requests) - started
+        # Reserved requests wait too: an early-ack one is held back until a slot is ready.
+        waiting = len(requests) - started + len(consumer.reserved)
         free = consumer.pool.concurrency - started
         marker = (sum(consumer.total_counts().values()), consumer.processed)
         if marker != self._marker or waiting <= 0 or free <= 0:
