@@ -45,6 +45,8 @@ __all__ = ["Broker", "Run", "Tally", "alive", "children_of", "descendants_of", "
 #: Log lines that mean an exception nobody handled (a thread's or a process's).
 _UNHANDLED = re.compile(r"^(Exception in thread|Traceback \(most recent call last\)|"
                         r"Exception ignored in|Fatal Python error)")
+#: The line between two tracebacks of one chained exception.
+_CHAINED = ("During handling of the above exception", "The above exception was the direct")
 #: A log record's first line (taskframe's format starts with ``[YYYY-mm-dd``).
 _RECORD = re.compile(r"^\[\d{4}-\d\d-\d\d")
 
@@ -91,6 +93,9 @@ def unhandled_errors(text: str) -> list[str]:
             continue  # a log record with exc_info: handled, and logged
         if line.startswith("Traceback") and i > 0 and lines[i - 1].startswith("Exception in"):
             continue  # counted once, on its "Exception in thread" line
+        if line.startswith("Traceback") and i > 1 and not lines[i - 1] \
+                and lines[i - 2].startswith(_CHAINED):
+            continue  # the cause of the traceback before it, which was counted (or not)
         found.append("\n".join(lines[i:i + 12]))
     return found
 

@@ -65,12 +65,14 @@ class RedisNode:
     def client(self) -> redis.Redis:
         return redis.Redis(host="127.0.0.1", port=self.port, socket_timeout=10)
 
-    def start(self) -> None:
+    def start(self, *options: str) -> None:
+        """Start, with ``options`` added to the command line; return once it answers PING
+        (after loading its data: a loading server answers ``LOADING``)."""
         log = (self.directory / "redis.log").open("ab")
         self.proc = subprocess.Popen(
             [self.binary, "--port", str(self.port), "--bind", "127.0.0.1",
              "--dir", str(self.directory), "--appendonly", "yes", "--appendfsync", "always",
-             "--save", "", "--protected-mode", "no", "--daemonize", "no"],
+             "--save", "", "--protected-mode", "no", "--daemonize", "no", *options],
             stdout=log, stderr=subprocess.STDOUT,
         )
         deadline = time.monotonic() + 30

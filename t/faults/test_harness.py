@@ -12,6 +12,18 @@ Traceback (most recent call last):
 ValueError: handled, and logged
 [2026-01-01 10:00:01,000: INFO/MainProcess] still going"""
 
+CHAINED = """[2026-01-01 10:00:00,000: ERROR/MainProcess] could not store a result
+Traceback (most recent call last):
+  File "x.py", line 1, in f
+ConnectionError: reset
+
+During handling of the above exception, another exception occurred:
+
+Traceback (most recent call last):
+  File "x.py", line 2, in g
+BackendError: handled, and logged with its cause
+[2026-01-01 10:00:01,000: INFO/MainProcess] still going"""
+
 THREAD = """[2026-01-01 10:00:00,000: INFO/MainProcess] ready
 Exception in thread consumer:
 Traceback (most recent call last):
@@ -27,6 +39,7 @@ SystemError: the main thread died"""
 
 def test_unhandled_errors_tells_a_logged_exception_from_an_unhandled_one() -> None:
     assert unhandled_errors(LOGGED) == []
+    assert unhandled_errors(CHAINED) == []
     assert [e.splitlines()[0] for e in unhandled_errors(THREAD)] == [
         "Exception in thread consumer:"]
     assert len(unhandled_errors(MAIN)) == 1

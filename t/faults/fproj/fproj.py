@@ -16,6 +16,7 @@ The test's client configures its own app with ``configure`` too.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import signal
@@ -71,6 +72,26 @@ def work(self: Any, seconds: float = 0.0) -> None:
     record("start", self.request.id)
     time.sleep(seconds)
     record("end", self.request.id)
+
+
+@app.task(bind=True, name="fproj.escape")
+def escape(self: Any, kind: str) -> None:
+    """Record the start and the end, then raise a BaseException of the body's own."""
+    record("start", self.request.id)
+    record("end", self.request.id)  # the body's path ended: the exception is its outcome
+    raise SystemExit(3) if kind == "SystemExit" else KeyboardInterrupt()
+
+
+@app.task(bind=True, name="fproj.cancelled")
+async def cancelled(self: Any) -> None:
+    """An async body whose own helper is cancelled: its CancelledError is its failure."""
+    record("start", self.request.id)
+    helper = asyncio.ensure_future(asyncio.sleep(30))
+    helper.cancel()
+    try:
+        await helper
+    finally:
+        record("end", self.request.id)
 
 
 def _die() -> None:
