@@ -20,8 +20,8 @@ from faults.servers import RedisNode, spare_port
 
 OUTAGE = 3.0
 #: Keys of filler data and the microseconds Redis waits after loading each: a LOADING
-#: window of about three seconds.
-FILLER_KEYS, LOAD_DELAY_US = 3000, 1000
+#: window of about two seconds.
+FILLER_KEYS, LOAD_DELAY_US = 2000, 1000
 
 
 def _refuse_writes(node: RedisNode, how: str) -> None:
