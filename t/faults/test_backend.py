@@ -17,11 +17,24 @@ from __future__ import annotations
 import datetime
 import time
 
+from faults.harness import Run
 from faults.proxy import FaultProxy
 from faults.scenarios import Scenarios, shared_broker
 from faults.servers import RedisNode
 
 from taskframe.canvas import chord, signature
+
+
+def _more_work_then_heal(run: Run, proxy: FaultProxy) -> None:
+    """Tasks sent while the store is down, then after it is back: all run; then count."""
+    run.send(10, 0.05)
+    run.wait_ended(60)  # the store is still down
+    proxy.heal()
+    run.send(10, 0.05)
+    run.wait_ended(60)
+    tally = run.tally()
+    tally.notes.append(f"store: {proxy.resets} connection(s) refused")
+    assert proxy.resets > 0, "the worker never tried the result store"
 
 
 def test_backend_down_during_time_limits_and_expiries(redis_node: RedisNode,
@@ -40,14 +53,7 @@ def test_backend_down_during_time_limits_and_expiries(redis_node: RedisNode,
                                         ignore_result=False).id for _ in range(2))
             run.wait_until_started(limited, 30)
             time.sleep(2.0)  # both hard limits fire; storing their failure fails
-            run.send(10, 0.05)
-            run.wait_ended(60)  # the store is still down
-            proxy.heal()
-            run.send(10, 0.05)
-            run.wait_ended(60)
-            tally = run.tally()
-            tally.notes.append(f"store: {proxy.resets} connection(s) refused")
-            assert proxy.resets > 0, "the worker never tried the result store"
+            _more_work_then_heal(run, proxy)
 
 
 def test_backend_down_during_chord_parts(redis_node: RedisNode, faults: Scenarios) -> None:
@@ -66,11 +72,4 @@ def test_backend_down_during_chord_parts(redis_node: RedisNode, faults: Scenario
             run.wait_until_started(ids, 30)
             proxy.refuse()  # every part ends, and fails to store, while the store is down
             run.wait_ended(60)
-            run.send(10, 0.05)
-            run.wait_ended(60)
-            proxy.heal()
-            run.send(10, 0.05)
-            run.wait_ended(60)
-            tally = run.tally()
-            tally.notes.append(f"store: {proxy.resets} connection(s) refused")
-            assert proxy.resets > 0, "the worker never tried the result store"
+            _more_work_then_heal(run, proxy)

@@ -66,6 +66,7 @@ class Intake:
     reserved: collections.deque[Request]
     store_writes: StoreWrites
     connection: Connection
+    unsure: set[str]
     _seq: itertools.count[int]
 
     if TYPE_CHECKING:  # the steps of the consumer's other parts that intake leads to
@@ -93,6 +94,11 @@ class Intake:
             return self._unknown_task(message, tm.name, tm.id)
         acks_late = task.acks_late if task.acks_late is not None else self.app.conf.task_acks_late
         request = Request(message, tm, task, hostname=self.hostname, acks_late=bool(acks_late))
+        if self.unsure and tm.id in self.unsure and message.delivery_info.get("redelivered"):
+            self.unsure.discard(tm.id)  # its early ack did not reach the broker; it ran here
+            logger.info("Task %s[%s]: a copy of a task already run here (its ack was lost "
+                        "with the link): acked, not run", request.name, request.id)
+            return self._settle(request, ACK)
         logger.info("Task %s[%s] received", request.name, request.id)
         signals.task_received.send(sender=self, request=request.context)
         if request.expired():

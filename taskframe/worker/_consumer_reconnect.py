@@ -7,7 +7,10 @@ link depends on the transport (``Connection.reconnect``): on Redis and SQL they 
 still held (a claim in the broker's data outlives the socket), so running tasks keep
 theirs and settle them as usual, and the waiting ones are given back at once; on
 AMQP the broker delivers them again by itself, so they are marked lost (tasks still
-running finish, their late acks are skipped).
+running finish, their late acks are skipped). An early-ack request whose ack was
+being confirmed when the link dropped may be acked or not: on Redis and SQL
+``connect()`` wrote it, and the task runs; on AMQP it runs too, and a copy the
+broker gives back (it had not got the ack) is acked without running.
 """
 
 from __future__ import annotations
@@ -45,6 +48,7 @@ class Reconnection:
     limited: list[tuple[float, int, Request]]
     active: dict[str, Request]
     reconnecting: bool
+    unsure: set[str]
 
     if TYPE_CHECKING:  # the steps of the consumer's other parts that reconnection needs
         def _take_back(self) -> list[Request]: ...
@@ -84,7 +88,6 @@ class Reconnection:
             for request in waiting:
                 if request not in acked:
                     self._settle(request, REQUEUE)
-            self.reserved.extend(acked)
         else:
             # AMQP: the broker gives back what was received on the dropped link by itself.
             # Forget it (running tasks still finish; their late acks are skipped).
@@ -93,10 +96,14 @@ class Reconnection:
                     request.message.state = MessageState.LOST
             self.held = 0
             if acked:
-                # At most once: each was acked, or is back in its queue, not both.
+                # Acked, or back in their queues: nobody can tell which. They run now; a
+                # copy the broker gives back to this worker is acked, not run (``unsure``).
+                self.unsure.update(r.id for r in acked)
                 logger.warning(
-                    "%d early-ack task(s) not run: the link dropped before the broker "
-                    "confirmed their acks (it gives back those it did not get): %s",
+                    "%d early-ack task(s) whose acks the broker may not have got (the link "
+                    "dropped before it confirmed them): they run now, and a copy given back "
+                    "to this worker is acked without running: %s",
                     len(acked), ", ".join(f"{r.name}[{r.id}]" for r in acked))
         self.start_consuming()
+        self.reserved.extend(acked)
         logger.info("Reconnected to %s", self.connection.safe_url())

@@ -108,6 +108,9 @@ class Consumer(Intake, Timers, Settling, Reconnection):
         #: result-store writes of skipped messages, off the loop's thread.
         self.store_writes = StoreWrites(self.call_soon)
         self._acks: list[Request] = []  # reported by the pool, not sent yet
+        #: ids of early-ack tasks run although the broker may not have got their acks (an
+        #: AMQP link lost while confirming them): a redelivered copy is acked, not run.
+        self.unsure: set[str] = set()
 
     # -- stopping ---------------------------------------------------------------------
 
