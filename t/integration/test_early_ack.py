@@ -17,7 +17,7 @@ from collections.abc import Iterator
 
 import pytest
 import redis
-from services import redis_url
+from services import redis_delete_prefix, redis_url
 from workers import InlineWorkers, wait_until
 
 from taskframe import Taskframe
@@ -27,12 +27,7 @@ from taskframe import Taskframe
 def prefix() -> Iterator[str]:
     prefix = f"early-{uuid.uuid4().hex[:8]}."
     yield prefix
-    client = redis.Redis.from_url(redis_url())
-    try:
-        for key in client.scan_iter(f"{prefix}*"):
-            client.delete(key)
-    finally:
-        client.close()
+    redis_delete_prefix(0, prefix)
 
 
 @pytest.mark.parametrize(("pool", "concurrency"), [("solo", 1), ("threads", 4)])

@@ -249,9 +249,10 @@ class Consumer(Intake, Timers, Settling, Reconnection):
 
     def _start_reserved(self) -> None:
         starting: list[Request] = []
+        late_room, early_room = self._rooms()  # once per turn: prefork counts under a lock
         while self.reserved and not self.stopping:
             request = self.reserved[0]
-            if self.running >= self._room(request):
+            if self.running >= (late_room if request.acks_late else early_room):
                 break
             self.reserved.popleft()
             if request.expired():
@@ -299,18 +300,17 @@ class Consumer(Intake, Timers, Settling, Reconnection):
             return self.pool.concurrency
         return self.pool.concurrency + self.pool.queue_ahead
 
-    def _room(self, request: Request) -> int:
-        """How many jobs may be in the pool for ``request`` to join them: an early-ack
-        job goes only to a free slot that exists (``Pool.missing_slots``): acked, then
-        held behind others or for a slot being made, it would be lost with the worker."""
-        if request.acks_late:
-            return self._capacity()
-        return self.pool.concurrency - self.pool.missing_slots
+    def _rooms(self) -> tuple[int, int]:
+        """How many jobs may be in the pool for a late-ack and for an early-ack request to
+        join them. An early-ack job goes only to a free slot that exists
+        (``Pool.missing_slots``): acked, then held behind others or for a slot being made,
+        it would be lost with the worker."""
+        return self._capacity(), self.pool.concurrency - self.pool.missing_slots
 
     def _busy(self) -> bool:
         """True when the pool has no room for the next reserved request."""
-        if self.reserved:
-            return self.running >= self._room(self.reserved[0])
+        if self.reserved and not self.reserved[0].acks_late:
+            return self.running >= self._rooms()[1]
         return self.running >= self._capacity()
 
     def _take_back(self) -> list[Request]:
