@@ -89,6 +89,7 @@ from amqp import exceptions as amqp_errors
 
 from . import amqp_delayed as ndd
 from . import amqp_failures as failures
+from .amqp_confirms import Confirms
 from .amqp_link import Link
 from .amqp_messages import describe_error, from_amqp, to_amqp
 from .amqp_topology import Topology
@@ -172,6 +173,7 @@ class AMQPTransport(Transport):
         self._buffer: collections.deque[Message] = collections.deque()
         self._held: dict[int, Message] = {}
         self._returned: list[tuple[Any, str, str]] = []
+        self._confirms = Confirms()  # the acks the broker has processed
 
     def __repr__(self) -> str:
         scheme = "amqps" if self._ssl else "amqp"
@@ -184,6 +186,7 @@ class AMQPTransport(Transport):
             return
         self._reset_state()
         self._link.open(on_return=self._on_return)
+        self._confirms.bind(self._link.sub)
 
     def close(self) -> None:
         self._buffer.clear()
@@ -275,8 +278,9 @@ class AMQPTransport(Transport):
 
     def _qos(self, prefetch_count: int) -> None:
         count = min(max(prefetch_count, 0), MAX_PREFETCH)
-        # Never global: quorum queues and RabbitMQ 4 refuse it.
-        self._link.sub.basic_qos(prefetch_size=0, prefetch_count=count, a_global=False)
+        # Never global (quorum queues and RabbitMQ 4 refuse it); ``Confirms`` counts qos-oks.
+        link, confirms = self._link, self._confirms
+        confirms.wait(link.conn, confirms.send(link.sub, count), tick=link.tick, slice_=link.slice)
 
     def _start_consumer(self, queue_name: str) -> None:
         tag = self._link.sub.basic_consume(queue=queue_name, no_ack=False,
@@ -406,19 +410,17 @@ class AMQPTransport(Transport):
         for message in messages:
             message.state = MessageState.ACKED
 
-    def ack_now(self, messages: Sequence[Message]) -> None:
-        """Ack, then wait for the reply to a synchronous method on the same channel.
-
-        AMQP 0-9-1 does not answer ``basic.ack``, but a channel handles its methods in
-        order: the ``basic.qos-ok`` of a ``basic.qos`` sent after the acks (the bound
-        we already have, so nothing changes) means the broker has processed them. One
-        round trip for the batch; the bytes of an ack only written may still be lost
-        with the link (a cut, a black hole, a broker stopping).
-        """
+    def ack_early(self, messages: Sequence[Message]) -> None:
+        """Write the acks and a ``basic.qos`` whose ``qos-ok`` will say the broker has them
+        (``amqp_confirms``), without waiting: until then, ``unconfirmed_acks()``."""
         if messages:
             self.ack_many(messages)
-        with self._link.translate("confirming acks", channel_lost=True):
-            self._qos(self._prefetch)
+        with self._link.translate("acknowledging messages", channel_lost=True):
+            self._confirms.send(self._link.sub, min(max(self._prefetch, 0), MAX_PREFETCH),
+                                messages)
+
+    def unconfirmed_acks(self) -> list[Message]:
+        return self._confirms.unconfirmed()
 
     def reject(self, message: Message, *, requeue: bool) -> None:
         link = self._link

@@ -369,22 +369,31 @@ class Transport(abc.ABC):
         for message in messages:
             message.ack()
 
-    def ack_now(self, messages: Sequence[Message]) -> None:
-        """Ack held messages and return only once the broker has them.
+    def ack_early(self, messages: Sequence[Message]) -> None:
+        """Ack held messages whose tasks are about to start: the acks are written to the
+        broker when this returns; the broker's confirmation may come later.
 
         An early ack (``acks_late`` off) promises that the task runs at most once, so the
-        worker calls this before the body starts: once it returns, neither a crash of the
-        worker nor a dropped link brings the messages back. ``ack_many`` may leave acks
-        in a buffer for a later round trip; this never does. The default suits
-        transports whose ``ack_many`` is synchronous.
+        worker calls this before the bodies start. Once it returns, a crash of the worker
+        process cannot bring the messages back (the system sends what was written), and
+        ``ack_many``'s buffer for a later round trip is not used. An ack written but not
+        confirmed when the link drops: where ``keeps_deliveries`` is True, ``connect()``
+        writes it again before it returns; elsewhere (AMQP) it is in
+        ``unconfirmed_acks()`` until the link is made again. The default suits transports
+        whose ``ack_many`` is synchronous.
 
         Raises:
-            TransportError: the broker could not be told. Where ``keeps_deliveries`` is
-                True the acks are kept, the messages count as ACKED, and ``connect()``
-                writes the acks before it returns; elsewhere (AMQP) the broker may or may
-                not have them.
+            TransportError: the acks could not be written. Where ``keeps_deliveries`` is
+                True they are kept, the messages count as ACKED, and ``connect()`` writes
+                the acks before it returns; elsewhere (AMQP) the broker may or may not
+                have them.
         """
         self.ack_many(messages)
+
+    def unconfirmed_acks(self) -> list[Message]:
+        """Messages of ``ack_early`` the broker has not confirmed yet, where a dropped link
+        leaves them unsure (AMQP; call it before reconnecting). The default: none."""
+        return []
 
     @abc.abstractmethod
     def reject(self, message: Message, *, requeue: bool) -> None:

@@ -412,10 +412,9 @@ class RedisTransport(Transport):
             return
         self._claims.ack_later(messages)
 
-    def ack_now(self, messages: Sequence[Message]) -> None:
-        """Ack held messages now, in one MULTI/EXEC with the acks that wait for a claim."""
-        self._claims.ack_later(messages)
-        self._claims.send_acks(self._client)
+    def ack_early(self, messages: Sequence[Message]) -> None:
+        """Write the acks now, with those due, in one MULTI/EXEC (``Claims.ack_early``)."""
+        self._claims.ack_early(self._client, messages)
 
     def reject(self, message: Message, *, requeue: bool) -> None:
         tag = str(message.delivery_tag)

@@ -21,6 +21,7 @@ timeout.
 
 from __future__ import annotations
 
+import collections
 import logging
 import time
 import uuid
@@ -64,6 +65,11 @@ class Claims:
         #: they took.
         self.unsure_claims: list[str] = []
         self._maybe_acked: set[str] = set()  # acks of those claims: not missed if gone
+        #: Early acks written by ``ack_early`` whose replies were not read yet, and the
+        #: connection (out of the client's pool) they were written on.
+        self._in_flight: collections.deque[list[str]] = collections.deque()
+        self._lane: Any = None
+        self._lane_client: redis.Redis | None = None
         self._layout = layout
         self._unacked = layout.key(layout.unacked)
         self._index = layout.key(layout.unacked_index)
@@ -78,6 +84,7 @@ class Claims:
         ``queues[i]`` is the queue of list ``keys[i]``. Returns the script's flat reply for
         the messages taken: tag, envelope, 1-based index in ``keys``, for each.
         """
+        self.collect_acks()
         acks = self.acks_due
         stamp = repr(time.time())  # the score of what it takes, exactly as sent
         try:
@@ -125,6 +132,7 @@ class Claims:
 
         If the link fails (or is down: ``client`` None) they stay due, for the next try.
         """
+        self.collect_acks()
         if not self.acks_due:
             return
         if client is None:
@@ -145,6 +153,80 @@ class Claims:
             if not count and tag not in self._maybe_acked:
                 self.warn_lost("ack", tag)
         self._maybe_acked.difference_update(acks)
+
+    def ack_early(self, client: redis.Redis | None, messages: Sequence[Message]) -> None:
+        """Ack ``messages`` (with the acks due): one MULTI/EXEC written now, on a connection
+        of its own, its reply read later (``collect_acks``: at the next claim, ``send_acks``
+        or ``resume``).
+
+        The tasks of early acks start once their acks are written; waiting for the reply
+        as well cost a round trip per start (no-op drain, solo: 3,600 -> 2,070 tasks/s).
+        A reply that does not come (the link failed) leaves the acks due: ``resume``
+        writes them again after the reconnect (they are idempotent).
+
+        Raises:
+            ConnectionLost: they could not be written; they wait in ``acks_due``.
+        """
+        self.ack_later(messages)
+        if client is None:
+            raise ConnectionLost(f"{self._owner}: not connected")
+        tags, self.acks_due = self.acks_due, []
+        if not tags:
+            return
+        try:
+            with translate_errors(f"ack of {len(tags)} message(s)"):
+                lane = self._lane_for(client)
+                lane.send_packed_command(lane.pack_commands([
+                    ("MULTI",), ("ZREM", self._index, *tags),
+                    *(("HDEL", self._unacked, tag) for tag in tags), ("EXEC",)]),
+                    check_health=False)  # a PING would read an ack's reply
+        except TransportError:
+            self.acks_due = tags + self.acks_due
+            self._maybe_acked.update(tags)
+            self._lane_lost()
+            raise
+        self._in_flight.append(tags)
+
+    def collect_acks(self) -> None:
+        """Read the replies of the acks ``ack_early`` wrote; if one fails, every ack not
+        confirmed is due again (and raised: the link is lost or the server refused)."""
+        while self._in_flight:
+            tags = self._in_flight[0]
+            try:
+                with translate_errors(f"ack of {len(tags)} message(s)"):
+                    for _ in range(len(tags) + 2):  # MULTI's OK, then QUEUED for each command
+                        self._lane.read_response()
+                    removed = self._lane.read_response()[1:]  # EXEC: ZREM's count, then HDELs'
+            except TransportError:
+                self._lane_lost()
+                raise
+            self._in_flight.popleft()
+            for tag, count in zip(tags, removed, strict=True):
+                if not count and tag not in self._maybe_acked:
+                    self.warn_lost("ack", tag)
+            self._maybe_acked.difference_update(tags)
+
+    def _lane_for(self, client: redis.Redis) -> Any:
+        if self._lane_client is not client:
+            self._lane_lost()  # a new link: what the old one did not confirm goes again
+            self._lane = client.connection_pool.get_connection()
+            self._lane_client = client
+        return self._lane
+
+    def _lane_lost(self) -> None:
+        """The early acks whose replies were not read: due again, maybe done already."""
+        unread = [tag for tags in self._in_flight for tag in tags]
+        self._in_flight.clear()
+        self.acks_due = unread + self.acks_due
+        self._maybe_acked.update(unread)
+        self._drop_lane()
+
+    def _drop_lane(self) -> None:
+        lane, client = self._lane, self._lane_client
+        self._lane = self._lane_client = None
+        if lane is not None and client is not None:
+            lane.disconnect()
+            client.connection_pool.release(lane)
 
     def forget(self, client: redis.Redis | None, tag: str, action: str) -> None:
         """Remove held message ``tag`` from ``unacked`` (``action``: an ack or a reject).
@@ -216,6 +298,8 @@ class Claims:
         what claims with a lost reply took, renew every claim now (a claim the server
         lost, restarted without its data or restored by another consumer after the
         visibility timeout, is logged)."""
+        if self._lane_client is not client:
+            self._lane_lost()  # replies of early acks lost with the old link
         self.send_acks(client)
         for tag, key in list(self.requeues_due.items()):
             if not self._requeue(client, scripts["requeue"], tag, key,
@@ -288,6 +372,7 @@ class Claims:
     def abandon(self) -> None:
         """On close with the link down: log what stays in ``unacked`` (it comes back after
         the visibility timeout) and forget it."""
+        self._lane_lost()
         waiting = len(self.held) + len(self.requeues_due) + len(self.acks_due)
         if waiting:
             logger.warning(

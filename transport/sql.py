@@ -347,7 +347,7 @@ class SQLTransport(Transport):
             return
         self._claims.ack_many(messages)
 
-    def ack_now(self, messages: Sequence[Message]) -> None:
+    def ack_early(self, messages: Sequence[Message]) -> None:
         """Delete the rows now (one commit); a database that is down raises."""
         self._claims.ack_many(messages, now=True)
 

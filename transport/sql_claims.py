@@ -185,7 +185,7 @@ class Claims:
         """Delete several held messages' rows in one statement (one commit).
 
         With the database down the deletes wait in ``settles_due`` (the messages count
-        as ACKED); with ``now`` the error is raised too (``Transport.ack_now``).
+        as ACKED); with ``now`` the error is raised too (``Transport.ack_early``).
         """
         for message in messages:
             message._check_unsettled()

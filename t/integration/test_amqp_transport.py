@@ -156,6 +156,31 @@ def test_unacked_messages_come_back_when_the_holder_closes(rabbit: Rabbit) -> No
     again.ack()
 
 
+def test_early_acks_are_confirmed_by_a_later_read(rabbit: Rabbit) -> None:
+    """``ack_early`` writes the acks and a ``basic.qos`` without waiting; the ``qos-ok``,
+    read while polling, confirms them. Until then they are ``unconfirmed_acks()``; a
+    ``set_prefetch`` in between waits for its own ``qos-ok``, not for an earlier one."""
+    t = rabbit.make()
+    q = rabbit.queue()
+    t.declare(q)
+    for n in range(4):
+        t.publish(env(n), exchange="", routing_key=q.name)
+    t.consume([q], prefetch_count=10)
+    got = poll_until(t, 4)
+    t.ack_early(got[:2])
+    assert t.unconfirmed_acks() == got[:2]
+    t.ack_early(got[2:3])
+    t.set_prefetch(8)
+    assert t.unconfirmed_acks() == []  # answered in order, before set_prefetch's own
+    t.ack_early(got[3:])
+    assert t.unconfirmed_acks() == got[3:]
+    assert t.poll(0.3) == []
+    assert t.unconfirmed_acks() == []
+    t.close()
+    other = rabbit.make()
+    assert other.queue_size(q.name) == 0  # all four acked, none given back
+
+
 def test_reject_requeue_and_drop(rabbit: Rabbit) -> None:
     t = rabbit.make()
     q = rabbit.queue()

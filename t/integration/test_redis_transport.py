@@ -177,6 +177,54 @@ def test_batched_acks_go_with_the_next_claim_or_on_their_own(broker: Broker) -> 
     assert broker.raw.llen(broker.prefix + q) == 0  # acked, not given back
 
 
+def test_early_acks_are_written_at_once_and_their_replies_read_later(
+        broker: Broker, caplog: pytest.LogCaptureFixture) -> None:
+    """``ack_early``: Redis has the acks before the call returns (the body may start);
+    the reply is read at the next claim. A reply lost with its connection leaves the acks
+    due, and the reconnect writes them again: nothing is restored, nothing warned."""
+    q = qname()
+    consumer = broker.make(client_name=f"tf-{broker.prefix}")
+    consumer.consume([Queue(q)])
+    unacked = broker.prefix + "unacked"
+    for n in range(3):
+        consumer.publish(envelope(n), exchange="", routing_key=q)
+    got = receive(consumer, 3)
+    consumer.ack_early(got[:2])
+    assert all(m.settled for m in got[:2])
+    until(lambda: broker.raw.hlen(unacked) == 1, "the early acks to land, unread")
+    assert {k.decode() for k in broker.raw.hkeys(unacked)} == {str(got[2].delivery_tag)}
+    assert consumer.poll(0.05) == []  # reads the reply
+    assert broker.raw.zcard(broker.prefix + "unacked_index") == 1
+
+    # The connection of the early acks dies with them unprocessed (writes are paused): the
+    # next poll fails (the link counts as lost), and connect() writes the acks again.
+    for n in range(2):
+        consumer.publish(envelope(10 + n), exchange="", routing_key=q)
+    more = receive(consumer, 2)
+    with caplog.at_level("WARNING", logger="taskframe.transport.redis"):
+        broker.raw.execute_command("CLIENT", "PAUSE", "10000", "WRITE")
+        try:
+            consumer.ack_early([got[2], *more])
+            time.sleep(0.2)
+            assert broker.raw.hlen(unacked) == 3  # written, not done
+            killed = 0
+            for client in broker.raw.client_list():
+                if client.get("name") == f"tf-{broker.prefix}":
+                    broker.raw.client_kill_filter(_id=client["id"])
+                    killed += 1
+            assert killed >= 1
+        finally:
+            broker.raw.execute_command("CLIENT", "UNPAUSE")
+        assert broker.raw.hlen(unacked) == 3  # died with the connection
+        with pytest.raises(ConnectionLost):
+            consumer.poll(0.05)
+        consumer.drop()
+        consumer.connect()
+        assert consumer.poll(0.05) == []
+    assert broker.raw.hlen(unacked) == 0 and broker.raw.llen(broker.prefix + q) == 0
+    assert "no longer held" not in caplog.text
+
+
 def test_an_ack_of_a_message_restored_meanwhile_warns(broker: Broker,
                                                       caplog: pytest.LogCaptureFixture) -> None:
     q = qname()

@@ -18,6 +18,7 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING
 
+from taskframe.protocol import decode_message
 from taskframe.transport.base import MessageState
 from taskframe.worker._consumer_settle import REQUEUE
 
@@ -25,7 +26,7 @@ if TYPE_CHECKING:
     import collections
 
     from taskframe.client.app import Taskframe
-    from taskframe.transport import Connection, Queue
+    from taskframe.transport import Connection, Message, Queue
     from taskframe.worker.request import Request
 
 __all__ = ["Reconnection"]
@@ -49,6 +50,7 @@ class Reconnection:
     active: dict[str, Request]
     reconnecting: bool
     unsure: set[str]
+    accept: tuple[str, ...]
 
     if TYPE_CHECKING:  # the steps of the consumer's other parts that reconnection needs
         def _take_back(self) -> list[Request]: ...
@@ -64,6 +66,8 @@ class Reconnection:
 
     def _reconnect(self, exc: Exception) -> None:
         logger.error("Connection to broker lost: %s. Reconnecting...", exc)
+        # Early acks written and not confirmed when the link dropped (AMQP; ``ack_early``).
+        unconfirmed = self.connection.transport.unconfirmed_acks()
         waiting = self._take_back() + [r for _, _, r in self.timers + self.limited] \
             + list(self.reserved)
         self.timers.clear()
@@ -95,6 +99,7 @@ class Reconnection:
                 if not request.message.settled:
                     request.message.state = MessageState.LOST
             self.held = 0
+            self._unsure_of(unconfirmed)
             if acked:
                 # Acked, or back in their queues: nobody can tell which. They run now; a
                 # copy the broker gives back to this worker is acked, not run (``unsure``).
@@ -107,3 +112,25 @@ class Reconnection:
         self.start_consuming()
         self.reserved.extend(acked)
         logger.info("Reconnected to %s", self.connection.safe_url())
+
+    def _unsure_of(self, unconfirmed: list[Message]) -> None:
+        """Tasks started (running or done) whose early acks the broker had not confirmed
+        when the link dropped: a copy it gives back to this worker is acked, not run
+        again (``unsure``)."""
+        ids = [task_id for task_id in map(self._task_id, unconfirmed) if task_id]
+        if ids:
+            self.unsure.update(ids)
+            logger.warning(
+                "%d early-ack task(s) started whose acks the broker had not confirmed when "
+                "the link dropped: a copy given back to this worker is acked without "
+                "running: %s", len(ids), ", ".join(ids))
+
+    def _task_id(self, message: Message) -> str | None:
+        """The task id of a task message received here (protocol 2: a header; 1: the body)."""
+        task_id = message.headers.get("id")
+        if task_id:
+            return str(task_id)
+        try:
+            return str(decode_message(message, self.accept).id)
+        except Exception:  # not a task message: it never started
+            return None

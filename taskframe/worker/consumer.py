@@ -271,17 +271,19 @@ class Consumer(Intake, Timers, Settling, Reconnection):
             self._start(starting)
 
     def _start(self, starting: list[Request]) -> None:
-        """Ack the early-ack ones and wait until the broker has the acks; submit all.
+        """Ack the early-ack ones, submit all.
 
-        An early ack promises that the task runs at most once: its ack reaches the broker
-        before its body starts (one round trip per batch, ``Transport.ack_now``), so a
-        crash or a dropped link cannot hand it out again. If the broker cannot be told,
-        nothing starts: the loop reconnects (``_reconnect`` decides what runs then).
+        An early ack promises that the task runs at most once: its ack is written to the
+        broker before its body starts (``Transport.ack_early``, one write per batch; the
+        broker's confirmation is read later, off the path to the body), so a crash of the
+        worker cannot hand it out again. If the acks cannot be written, nothing starts:
+        the loop reconnects (``_reconnect`` decides what runs then, and what to do with
+        acks written but not confirmed).
         """
         early = [r.message for r in starting if not r.acks_late and not r.message.settled]
         if early:
             try:
-                self.connection.transport.ack_now(early)
+                self.connection.transport.ack_early(early)
             except TransportError:
                 self.running -= len(starting)
                 self.reserved.extendleft(reversed(starting))
