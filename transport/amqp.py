@@ -89,7 +89,7 @@ from amqp import exceptions as amqp_errors
 
 from . import amqp_delayed as ndd
 from . import amqp_failures as failures
-from .amqp_confirms import Confirms
+from .amqp_acks import Confirms, plan
 from .amqp_link import Link
 from .amqp_messages import describe_error, from_amqp, to_amqp
 from .amqp_topology import Topology
@@ -376,48 +376,43 @@ class AMQPTransport(Transport):
             link.sub.basic_ack(message.delivery_tag)
 
     def ack_many(self, messages: Sequence[Message]) -> None:
-        """Ack held messages with as few ``basic.ack`` frames as the channel allows.
-
-        py-spy on a no-op drain showed a frame write per ack (``basic_ack`` ->
-        ``write``) as a fifth of the consumer's time. When the batch holds every
-        held message up to some delivery tag, one ``basic.ack(multiple=True)``
-        settles them all (the messages still in the buffer came later, with higher
-        tags, and are not touched); the others go one by one.
-        """
+        """Ack held messages with as few ``basic.ack`` frames as the channel allows
+        (``amqp_acks.plan``)."""
         if len(messages) == 1:
             messages[0].ack()
             return
         link = self._link
         link.require()
+        upto, singles = self._plan(messages)
+        with link.translate("acknowledging messages", channel_lost=True):
+            if upto is not None:
+                link.sub.basic_ack(upto, multiple=True)
+            for tag in singles:
+                link.sub.basic_ack(tag)
+        for message in messages:
+            message.state = MessageState.ACKED
+
+    def _plan(self, messages: Sequence[Message]) -> tuple[int | None, list[int]]:
         for message in messages:
             message._check_unsettled()
             if self._held.get(message.delivery_tag) is not message:
                 self._release(message)  # raises MessageStateError
-        batch = {message.delivery_tag for message in messages}
-        upto = None
-        for tag in sorted(self._held):
-            if tag not in batch:
-                break
-            upto = tag
+        upto, singles = plan(self._held, {message.delivery_tag for message in messages})
         for message in messages:
-            self._held.pop(message.delivery_tag, None)
-        with link.translate("acknowledging messages", channel_lost=True):
-            if upto is not None:
-                link.sub.basic_ack(upto, multiple=True)
-            for tag in sorted(batch):
-                if upto is None or tag > upto:
-                    link.sub.basic_ack(tag)
-        for message in messages:
-            message.state = MessageState.ACKED
+            del self._held[message.delivery_tag]
+        return upto, singles
 
     def ack_early(self, messages: Sequence[Message]) -> None:
         """Write the acks and a ``basic.qos`` whose ``qos-ok`` will say the broker has them
-        (``amqp_confirms``), without waiting: until then, ``unconfirmed_acks()``."""
-        if messages:
-            self.ack_many(messages)
-        with self._link.translate("acknowledging messages", channel_lost=True):
-            self._confirms.send(self._link.sub, min(max(self._prefetch, 0), MAX_PREFETCH),
-                                messages)
+        (``amqp_acks.Confirms``), without waiting: until then, ``unconfirmed_acks()``."""
+        link = self._link
+        link.require()
+        upto, singles = self._plan(messages)
+        for message in messages:  # before the write: one that fails may have left
+            message.state = MessageState.ACKED
+        with link.translate("acknowledging messages", channel_lost=True):
+            self._confirms.ack(link.conn, link.sub, upto, singles,
+                               min(max(self._prefetch, 0), MAX_PREFETCH), messages)
 
     def unconfirmed_acks(self) -> list[Message]:
         return self._confirms.unconfirmed()

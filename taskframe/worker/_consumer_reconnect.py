@@ -99,7 +99,6 @@ class Reconnection:
                 if not request.message.settled:
                     request.message.state = MessageState.LOST
             self.held = 0
-            self._unsure_of(unconfirmed)
             if acked:
                 # Acked, or back in their queues: nobody can tell which. They run now; a
                 # copy the broker gives back to this worker is acked, not run (``unsure``).
@@ -109,6 +108,7 @@ class Reconnection:
                     "dropped before it confirmed them): they run now, and a copy given back "
                     "to this worker is acked without running: %s",
                     len(acked), ", ".join(f"{r.name}[{r.id}]" for r in acked))
+            self._unsure_of(unconfirmed)
         self.start_consuming()
         self.reserved.extend(acked)
         logger.info("Reconnected to %s", self.connection.safe_url())
@@ -117,7 +117,8 @@ class Reconnection:
         """Tasks started (running or done) whose early acks the broker had not confirmed
         when the link dropped: a copy it gives back to this worker is acked, not run
         again (``unsure``)."""
-        ids = [task_id for task_id in map(self._task_id, unconfirmed) if task_id]
+        ids = [task_id for task_id in map(self._task_id, unconfirmed)
+               if task_id and task_id not in self.unsure]
         if ids:
             self.unsure.update(ids)
             logger.warning(
