@@ -84,6 +84,16 @@ def receive(transport: RedisTransport, count: int) -> list[Message]:
     return got
 
 
+def kill_clients(raw: redis.Redis, name: str) -> int:
+    """Close every connection of the server's clients named ``name``; return how many."""
+    killed = 0
+    for client in raw.client_list():
+        if client.get("name") == name:
+            raw.client_kill_filter(_id=client["id"])
+            killed += 1
+    return killed
+
+
 def until(predicate: Callable[[], bool], what: str, step: Callable[[], Any] = lambda: None) -> None:
     deadline = time.monotonic() + PATIENCE
     while not predicate():
@@ -207,12 +217,7 @@ def test_early_acks_are_written_at_once_and_their_replies_read_later(
             consumer.ack_early([got[2], *more])
             time.sleep(0.2)
             assert broker.raw.hlen(unacked) == 3  # written, not done
-            killed = 0
-            for client in broker.raw.client_list():
-                if client.get("name") == f"tf-{broker.prefix}":
-                    broker.raw.client_kill_filter(_id=client["id"])
-                    killed += 1
-            assert killed >= 1
+            assert kill_clients(broker.raw, f"tf-{broker.prefix}") >= 1
         finally:
             broker.raw.execute_command("CLIENT", "UNPAUSE")
         assert broker.raw.hlen(unacked) == 3  # died with the connection
@@ -516,12 +521,7 @@ def test_a_killed_client_connection_is_replaced_without_losing_messages(broker: 
     transport.consume([Queue(q)])
     transport.publish(envelope(1), exchange="", routing_key=q)
     [held] = receive(transport, 1)
-    killed = 0
-    for client in broker.raw.client_list():
-        if client.get("name") == f"tf-{broker.prefix}":
-            broker.raw.client_kill_filter(_id=client["id"])
-            killed += 1
-    assert killed >= 1
+    assert kill_clients(broker.raw, f"tf-{broker.prefix}") >= 1
     # redis-py opens a fresh socket for the next command: nothing to recover.
     held.ack()
     transport.publish(envelope(2), exchange="", routing_key=q)

@@ -1,8 +1,8 @@
 """Settling: the acks, rejects and requeues of messages whose run is decided.
 
 Early acks are not settled here: the loop writes them to the broker before it submits
-the job (``Consumer._start``; the broker's confirmation is read later). Pool threads report late
-acks and the end of a job (``job.on_done``, which frees the slot) through
+the job (``Consumer._start``; the broker's confirmation is read later). Pool threads
+report late acks and the end of a job (``job.on_done``, which frees the slot) through
 ``Consumer.report``; what they report off the loop's thread waits on
 ``Consumer.completions`` until the loop drains it. Late acks go to the broker in
 batches; rejects and requeues one at a time.
