@@ -413,7 +413,7 @@ class RedisTransport(Transport):
         self._claims.ack_later(messages)
 
     def ack_early(self, messages: Sequence[Message]) -> None:
-        """Write the acks now, with those due, in one MULTI/EXEC (``Claims.ack_early``)."""
+        """Write the acks now, with those due; read the replies later (``Claims.ack_early``)."""
         self._claims.ack_early(self._client, messages)
 
     def reject(self, message: Message, *, requeue: bool) -> None:

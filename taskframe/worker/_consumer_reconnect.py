@@ -7,10 +7,11 @@ link depends on the transport (``Connection.reconnect``): on Redis and SQL they 
 still held (a claim in the broker's data outlives the socket), so running tasks keep
 theirs and settle them as usual, and the waiting ones are given back at once; on
 AMQP the broker delivers them again by itself, so they are marked lost (tasks still
-running finish, their late acks are skipped). An early-ack request whose ack was
-being confirmed when the link dropped may be acked or not: on Redis and SQL
-``connect()`` wrote it, and the task runs; on AMQP it runs too, and a copy the
-broker gives back (it had not got the ack) is acked without running.
+running finish, their late acks are skipped). An early-ack request whose ack could
+not be written, or was written and not confirmed (``Transport.unconfirmed_acks``),
+when the link dropped may be acked or not: on Redis and SQL ``connect()`` writes it
+again, and the task runs (once); on AMQP it runs too, and a copy the broker gives back
+(it had not got the ack) is acked without running (``unsure``).
 """
 
 from __future__ import annotations
