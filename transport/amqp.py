@@ -89,13 +89,13 @@ from amqp import exceptions as amqp_errors
 
 from . import amqp_delayed as ndd
 from . import amqp_failures as failures
-from .amqp_acks import Confirms, plan
+from .amqp_acks import Held
 from .amqp_link import Link
 from .amqp_messages import describe_error, from_amqp, to_amqp
 from .amqp_topology import Topology
 from .base import Envelope, Message, MessageState, Transport
 from .entities import Exchange, Queue
-from .errors import ImproperlyConfigured, MessageStateError, PublishError, TransportError
+from .errors import ImproperlyConfigured, PublishError, TransportError
 from .url import parse_url
 
 __all__ = ["AMQPTransport"]
@@ -171,9 +171,8 @@ class AMQPTransport(Transport):
         self._consumed: dict[str, Queue] = {}
         self._prefetch = 0
         self._buffer: collections.deque[Message] = collections.deque()
-        self._held: dict[int, Message] = {}
+        self._held = Held(self._link.lock)  # and the acks the broker has processed
         self._returned: list[tuple[Any, str, str]] = []
-        self._confirms = Confirms()  # the acks the broker has processed
 
     def __repr__(self) -> str:
         scheme = "amqps" if self._ssl else "amqp"
@@ -186,12 +185,18 @@ class AMQPTransport(Transport):
             return
         self._reset_state()
         self._link.open(on_return=self._on_return)
-        self._confirms.bind(self._link.sub)
+        self._held.confirms.bind(self._link.conn, self._link.sub)
 
     def close(self) -> None:
-        self._buffer.clear()
-        self._held.clear()
-        self._link.close()
+        with self._link.lock:  # not while a slot writes an early ack
+            self._buffer.clear()
+            self._held.clear()
+            self._link.close()
+
+    @property
+    def acks_from_any_thread(self) -> bool:
+        """Plain TCP only: a TLS connection must not be read and written at once."""
+        return not self._ssl
 
     @property
     def connected(self) -> bool:
@@ -279,7 +284,7 @@ class AMQPTransport(Transport):
     def _qos(self, prefetch_count: int) -> None:
         count = min(max(prefetch_count, 0), MAX_PREFETCH)
         # Never global (quorum queues and RabbitMQ 4 refuse it); ``Confirms`` counts qos-oks.
-        link, confirms = self._link, self._confirms
+        link, confirms = self._link, self._held.confirms
         confirms.wait(link.conn, confirms.send(link.sub, count), tick=link.tick, slice_=link.slice)
 
     def _start_consumer(self, queue_name: str) -> None:
@@ -355,24 +360,15 @@ class AMQPTransport(Transport):
     def _take(self, room: int) -> list[Message]:
         taken: list[Message] = []
         while self._buffer and len(taken) < room:
-            message = self._buffer.popleft()
-            self._held[message.delivery_tag] = message
-            taken.append(message)
+            taken.append(self._buffer.popleft())
+        self._held.take(taken)
         return taken
-
-    def _release(self, message: Message) -> None:
-        if self._held.get(message.delivery_tag) is not message:
-            raise MessageStateError(
-                f"{message!r} is not held by this connection (it came back to its queue "
-                "when the connection that received it closed)"
-            )
-        del self._held[message.delivery_tag]
 
     def ack(self, message: Message) -> None:
         link = self._link
         link.require()
-        self._release(message)
-        with link.translate("acknowledging a message", channel_lost=True):
+        with self._held.settling(message), link.translate("acknowledging a message",
+                                                           channel_lost=True):
             link.sub.basic_ack(message.delivery_tag)
 
     def ack_many(self, messages: Sequence[Message]) -> None:
@@ -383,45 +379,34 @@ class AMQPTransport(Transport):
             return
         link = self._link
         link.require()
-        upto, singles = self._plan(messages)
-        with link.translate("acknowledging messages", channel_lost=True):
-            if upto is not None:
-                link.sub.basic_ack(upto, multiple=True)
-            for tag in singles:
-                link.sub.basic_ack(tag)
+        with link.lock:  # the plan and its frames: a slot's early ack goes before or after
+            upto, singles = self._held.plan(messages)
+            with link.translate("acknowledging messages", channel_lost=True):
+                if upto is not None:
+                    link.sub.basic_ack(upto, multiple=True)
+                for tag in singles:
+                    link.sub.basic_ack(tag)
         for message in messages:
             message.state = MessageState.ACKED
-
-    def _plan(self, messages: Sequence[Message]) -> tuple[int | None, list[int]]:
-        for message in messages:
-            message._check_unsettled()
-            if self._held.get(message.delivery_tag) is not message:
-                self._release(message)  # raises MessageStateError
-        upto, singles = plan(self._held, {message.delivery_tag for message in messages})
-        for message in messages:
-            del self._held[message.delivery_tag]
-        return upto, singles
 
     def ack_early(self, messages: Sequence[Message]) -> None:
         """Write the acks and a ``basic.qos`` whose ``qos-ok`` will say the broker has them
-        (``amqp_acks.Confirms``), without waiting: until then, ``unconfirmed_acks()``."""
+        (``amqp_acks.Confirms``), without waiting: until then, ``unconfirmed_acks()``.
+        From any thread: a failed write does not drop the link (the loop, which reads
+        it, does)."""
         link = self._link
         link.require()
-        upto, singles = self._plan(messages)
-        for message in messages:  # before the write: one that fails may have left
-            message.state = MessageState.ACKED
-        with link.translate("acknowledging messages", channel_lost=True):
-            self._confirms.ack(link.conn, link.sub, upto, singles,
-                               min(max(self._prefetch, 0), MAX_PREFETCH), messages)
+        with link.translate("acknowledging messages", channel_lost=True, abandon=False):
+            self._held.ack_early(link.conn, link.sub, messages)
 
     def unconfirmed_acks(self) -> list[Message]:
-        return self._confirms.unconfirmed()
+        return self._held.confirms.unconfirmed()
 
     def reject(self, message: Message, *, requeue: bool) -> None:
         link = self._link
         link.require()
-        self._release(message)
-        with link.translate("rejecting a message", channel_lost=True):
+        with self._held.settling(message), link.translate("rejecting a message",
+                                                           channel_lost=True):
             if requeue:  # not a failed delivery: RabbitMQ 4.3+ counts basic.reject
                 link.give_back(message.delivery_tag)
             else:
@@ -429,17 +414,17 @@ class AMQPTransport(Transport):
 
     def requeue_failed(self, message: Message) -> None:
         self._link.require()
-        self._release(message)
         queue = self._topology.queues.get(str(message.delivery_info.get("queue")))
-        failures.requeue_failed(self._link, self.publish, message, queue)
+        with self._held.settling(message):
+            failures.requeue_failed(self._link, self.publish, message, queue)
 
     def dead_letter(self, message: Message) -> str | None:
         self._link.require()
-        self._release(message)
         name = str(message.delivery_info.get("queue"))
         route = self._topology.dead_letter_routes.get(name)
         queue = self._topology.queues.get(name) or Queue(name)
-        return failures.dead_letter(self._link, self.publish, message, queue, route)
+        with self._held.settling(message):
+            return failures.dead_letter(self._link, self.publish, message, queue, route)
 
     def maintain(self) -> None:
         link = self._link

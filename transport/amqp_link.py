@@ -13,13 +13,14 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import amqp
 from amqp import exceptions as amqp_errors
-from amqp import spec
+from amqp import method_framing, spec
 
 from .amqp_io import may_have_frames, read_ahead
 from .amqp_messages import describe_error
@@ -62,6 +63,9 @@ class Link:
         self._params = dict(params)
         self._ssl = bool(params.get("ssl"))
         self._last_tick = 0.0
+        #: Held around every frame write (py-amqp's and ours), and by the transport around
+        #: what a write must match (``amqp_acks.Held``): pool slots write early acks.
+        self.lock = threading.RLock()
 
     def open(self, on_return: Callable[[Any, str, str, Any], None]) -> None:
         """Connect and open the channels; ``on_return`` hears of unroutable messages.
@@ -69,7 +73,7 @@ class Link:
         Raises:
             BrokerConnectionError: the broker cannot be reached, or refused us.
         """
-        conn = amqp.Connection(**self._params)
+        conn = amqp.Connection(**self._params, frame_writer=self._frame_writer)
         try:
             conn.connect()
             self.pub = conn.channel()
@@ -89,6 +93,17 @@ class Link:
         self._last_tick = time.monotonic()
         beat = float(conn.heartbeat or 0)  # as negotiated with the broker
         self.slice = min(_WAIT_SLICE, beat / 4) if beat else _WAIT_SLICE
+
+    def _frame_writer(self, conn: Any, transport: Any) -> Callable[..., Any]:
+        """py-amqp's frame writer, one frame (or method with content) at a time."""
+        write = method_framing.frame_writer(conn, transport)
+        lock = self.lock
+
+        def locked(*args: Any) -> Any:
+            with lock:
+                return write(*args)
+
+        return locked
 
     def give_back(self, delivery_tag: int) -> None:
         """``basic.nack`` with requeue on the consuming channel (inside ``translate``).
@@ -132,11 +147,14 @@ class Link:
 
     @contextlib.contextmanager
     def translate(self, what: str, *, channel_lost: bool = False,
-                  refused: type[TransportError] = TransportError) -> Iterator[None]:
+                  refused: type[TransportError] = TransportError,
+                  abandon: bool = True) -> Iterator[None]:
         """Turn py-amqp and socket errors into ours.
 
         ``channel_lost``: a channel error means the link is unusable (the consuming
         channel: RabbitMQ dropped its consumers and requeued what it held).
+        ``abandon``: drop a link that failed (not from a thread other than the one that
+        reads it: the reader would go on with a closed socket; it finds the error itself).
         """
         if self.conn is None:
             raise ConnectionLost(f"{what}: {self.owner} is not connected")
@@ -144,13 +162,15 @@ class Link:
             yield
         except amqp_errors.ChannelError as exc:
             if channel_lost:
-                self.abandon()
+                if abandon:
+                    self.abandon()
                 raise ConnectionLost(f"{what}: {describe_error(exc)}") from exc
             raise refused(f"{what}: {describe_error(exc)}") from exc
         except amqp_errors.MessageNacked as exc:
             raise PublishError(f"{what}: the broker refused the message (nack)") from exc
         except _LINK_ERRORS as exc:
-            self.abandon()
+            if abandon:
+                self.abandon()
             raise ConnectionLost(f"{what}: {describe_error(exc)}") from exc
 
     def tick(self) -> None:

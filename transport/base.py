@@ -390,6 +390,13 @@ class Transport(abc.ABC):
         """
         self.ack_many(messages)
 
+    @property
+    def acks_from_any_thread(self) -> bool:
+        """True when ``ack_early`` may be called from any thread while the consuming
+        thread uses the transport (a worker's pool slots then write the early acks of the
+        jobs they take). The default: no."""
+        return False
+
     def unconfirmed_acks(self) -> list[Message]:
         """Messages of ``ack_early`` the broker has not confirmed yet, where a dropped link
         leaves them unsure (AMQP; call it before reconnecting). The default: none."""

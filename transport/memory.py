@@ -185,6 +185,7 @@ class MemoryTransport(Transport):
     schemes: ClassVar[tuple[str, ...]] = ("memory",)
     supports_delay: ClassVar[bool] = True
     supports_fanout: ClassVar[bool] = True
+    acks_from_any_thread = True  # the broker's condition guards every settle
 
     def __init__(self, url: str, options: Mapping[str, Any] | None = None) -> None:
         super().__init__(url, options)

@@ -151,6 +151,7 @@ class RedisTransport(Transport):
     lower_priority_first: ClassVar[bool] = True
     #: A held message is a claim in ``unacked``; it outlives the socket (see ``drop``).
     keeps_deliveries: ClassVar[bool] = True
+    acks_from_any_thread = True  # ``Claims`` holds its lock in every method
 
     def __init__(self, url: str, options: Mapping[str, Any] | None = None) -> None:
         super().__init__(url, options)

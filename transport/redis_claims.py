@@ -17,16 +17,21 @@ connected again, then renews every claim at once. Before, a reconnect gave back 
 held message, the running tasks' too (a short blip ran acks_late tasks twice, side by
 side), and what a dead server could not take back stayed stuck for the visibility
 timeout.
+
+Every method holds ``lock``: pool slots write early acks (``ack_early``) while the loop
+claims, settles and refreshes.
 """
 
 from __future__ import annotations
 
 import collections
+import functools
 import logging
+import threading
 import time
 import uuid
-from collections.abc import Mapping, Sequence
-from typing import Any
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, TypeVar, cast
 
 import redis
 from redis.commands.core import Script
@@ -41,6 +46,20 @@ __all__ = ["Claims"]
 logger = logging.getLogger("taskframe.transport.redis")
 
 
+_F = TypeVar("_F", bound=Callable[..., Any])
+
+
+def _locked(method: _F) -> _F:
+    """Run ``method`` under the book's lock: pool slots write early acks (``ack_early``)
+    while the loop claims, settles and refreshes."""
+    @functools.wraps(method)
+    def locked(self: Claims, *args: Any, **kwargs: Any) -> Any:
+        with self.lock:
+            return method(self, *args, **kwargs)
+
+    return cast(_F, locked)
+
+
 class Claims:
     """The messages one transport holds in ``unacked``, and its acks not sent yet.
 
@@ -51,6 +70,8 @@ class Claims:
     """
 
     def __init__(self, layout: KeyLayout, visibility_timeout: float, owner: str) -> None:
+        #: Held by every method: the loop's thread and pool slots (``ack_early``) use it.
+        self.lock = threading.RLock()
         #: Held messages: tag -> the list key each was taken from. The transport records
         #: a message here as it hands it out (after ``claim``).
         self.held: dict[str, str] = {}
@@ -82,10 +103,13 @@ class Claims:
         """Send the acks due, then take up to ``limit`` messages from ``keys``: one script.
 
         ``queues[i]`` is the queue of list ``keys[i]``. Returns the script's flat reply for
-        the messages taken: tag, envelope, 1-based index in ``keys``, for each.
+        the messages taken: tag, envelope, 1-based index in ``keys``, for each. The lock
+        is not held during the round trip (slots ack meanwhile); the caller records what
+        it took in ``held``.
         """
-        self.collect_acks()
-        acks = self.acks_due
+        with self.lock:
+            self.collect_acks(wait=False)  # the replies that came; the rest wait
+            acks, self.acks_due = self.acks_due, []
         stamp = repr(time.time())  # the score of what it takes, exactly as sent
         try:
             with translate_errors("taking messages"):
@@ -95,20 +119,23 @@ class Claims:
                           *queues],
                     client=client,
                 )
-        except ConnectionLost:
-            # The script may have run and its reply been lost (a server stopping, a link
-            # cut): what it took is in ``unacked`` scored ``stamp``, known to nobody, and
-            # its acks may be done. ``resume`` gives the one back and sends the others again.
-            self.unsure_claims.append(stamp)
-            self._maybe_acked.update(acks)
+        except TransportError as exc:
+            with self.lock:
+                self.acks_due = acks + self.acks_due  # sent again (they are idempotent)
+                if isinstance(exc, ConnectionLost):
+                    # The script may have run and its reply been lost (a server stopping, a
+                    # link cut): what it took is in ``unacked`` scored ``stamp``, known to
+                    # nobody, and its acks may be done. ``resume`` gives the one back.
+                    self.unsure_claims.append(stamp)
+                    self._maybe_acked.update(acks)
             raise
-        self.acks_due = []
         lost = int(reply[0])
         for tag in reply[1:1 + lost]:
             self.warn_lost("ack", text(tag))
         taken: list[Any] = reply[1 + lost:]
         return taken
 
+    @_locked
     def ack_later(self, messages: Sequence[Message]) -> None:
         """Ack held messages; the acks reach Redis with the next claim, in its script.
 
@@ -127,6 +154,7 @@ class Claims:
                 self.acks_due.append(tag)
             message.state = MessageState.ACKED
 
+    @_locked
     def send_acks(self, client: redis.Redis | None) -> None:
         """Send the acks that ``ack_later`` keeps for the next claim, in one MULTI/EXEC.
 
@@ -154,6 +182,7 @@ class Claims:
                 self.warn_lost("ack", tag)
         self._maybe_acked.difference_update(acks)
 
+    @_locked
     def ack_early(self, client: redis.Redis | None, messages: Sequence[Message]) -> None:
         """Ack ``messages`` (with the acks due): a ZREM and an HDEL written now, on a
         connection of their own, their replies read later (``collect_acks``: at the next
@@ -187,13 +216,17 @@ class Claims:
             raise
         self._in_flight.append(tags)
 
-    def collect_acks(self) -> None:
-        """Read the replies of the acks ``ack_early`` wrote; if one fails, every ack not
-        confirmed is due again (and raised: the link is lost or the server refused)."""
+    @_locked
+    def collect_acks(self, *, wait: bool = True) -> None:
+        """Read the replies of the acks ``ack_early`` wrote (without ``wait``: the ones
+        that arrived); if one fails, every ack not confirmed is due again (and raised: the
+        link is lost or the server refused)."""
         while self._in_flight:
             tags = self._in_flight[0]
             try:
                 with translate_errors(f"ack of {len(tags)} message(s)"):
+                    if not wait and not self._lane.can_read(timeout=0):
+                        return
                     self._lane.read_response()  # ZREM's count
                     removed = int(self._lane.read_response())  # HDEL's
             except TransportError:
@@ -229,6 +262,7 @@ class Claims:
             lane.disconnect()
             client.connection_pool.release(lane)
 
+    @_locked
     def forget(self, client: redis.Redis | None, tag: str, action: str) -> None:
         """Remove held message ``tag`` from ``unacked`` (``action``: an ack or a reject).
 
@@ -256,6 +290,7 @@ class Claims:
         if not removed:
             self.warn_lost(action, tag)
 
+    @_locked
     def requeue(self, client: redis.Redis | None, script: Script, tag: str, *,
                 how: str = "requeue", dead: str | None = None) -> None:
         """Put held message ``tag`` back at the back of the list it came from, once.
@@ -293,6 +328,7 @@ class Claims:
             return int(script(keys=[self._unacked, self._index, key],
                               args=[tag, raw, "LPUSH"], client=client))
 
+    @_locked
     def resume(self, client: redis.Redis, scripts: Mapping[str, Script],
                exchange_types: Mapping[str, str]) -> None:
         """After connecting again: write the settles that waited for the link, give back
@@ -318,6 +354,7 @@ class Claims:
             self.unsure_claims.pop(0)
         self.refresh(client, time.time(), force=True)
 
+    @_locked
     def refresh(self, client: redis.Redis, now: float, *, force: bool = False) -> None:
         """Score every held message ``now``, so no restorer (ours or kombu's) takes it.
 
@@ -333,6 +370,7 @@ class Claims:
             logger.warning("%s: %d held message(s) lost their claim; another consumer may "
                            "run them", self._owner, len(self.held) - changed)
 
+    @_locked
     def release(self, client: redis.Redis, script: Script) -> None:
         """On close: send the acks due and give every held message back to its list.
 
@@ -370,6 +408,7 @@ class Claims:
                     args=[tag, raw, "RPUSH"], client=client,
                 )
 
+    @_locked
     def abandon(self) -> None:
         """On close with the link down: log what stays in ``unacked`` (it comes back after
         the visibility timeout) and forget it."""

@@ -8,7 +8,10 @@ thread, so the consumer keeps servicing the broker while it runs.
 
 Every pool keeps this contract:
 
-- ``job.on_accepted(job)`` once, when a slot takes the job (early acks hang on it);
+- ``job.claim()`` in the slot that took the job, right before it starts (where
+  ``acks_in_slot``): False means it must not start: the slot drops it (no other
+  callback) and takes the next;
+- ``job.on_accepted(job)`` once, when a slot takes the job;
 - ``job.on_done(job, outcome)`` exactly once, whatever happened (success, task
   error, time limit, a lost child process), from any thread of the worker process;
 - ``abort(job, reason)`` makes ``request.should_abort()`` true for that run;
@@ -59,6 +62,8 @@ class TaskJob:
         pid: the process running it (prefork), for ``inspect active``.
         time_start: ``time.time()`` when a slot took it.
         request: the consumer's handle for this run (opaque to pools).
+        before_start: called by ``claim()``, in the slot, before the job starts (the
+            consumer writes an early ack there); False: the job must not start.
     """
 
     task: Task[Any, Any]
@@ -71,11 +76,19 @@ class TaskJob:
     pid: int | None = None
     time_start: float | None = None
     request: Any = None
+    before_start: Callable[[TaskJob], bool] | None = None
 
     @property
     def id(self) -> str:
         """The task id."""
         return str(self.context.id)
+
+    def claim(self) -> bool:
+        """Called by a slot that took the job, before it starts; False: do not start it
+        (the consumer has it back). Once: a job sent again after a failed write is not
+        claimed again."""
+        before, self.before_start = self.before_start, None
+        return before is None or before(self)
 
     def accepted(self, pid: int | None = None) -> None:
         """Record that a slot took the job and tell the consumer."""
@@ -95,10 +108,14 @@ class Pool(abc.ABC):
         name: the ``-P`` name.
         enforces_time_limits: True when the pool stops a task at its hard time
             limit (the worker warns when limits are set on a pool that cannot).
+        acks_in_slot: True when the pool calls ``job.claim()`` in a thread of the
+            worker process right before the job starts, so the consumer can hand it an
+            early-ack job ahead of a free slot and write the ack there.
     """
 
     name: ClassVar[str] = ""
     enforces_time_limits: ClassVar[bool] = False
+    acks_in_slot: ClassVar[bool] = False
 
     def __init__(self, concurrency: int, *, app: Taskframe | None = None) -> None:
         if concurrency < 1:
@@ -240,6 +257,8 @@ def run_here(job: TaskJob) -> None:
     """Run ``job`` in the calling thread (in-process pools) and report its outcome."""
     from taskframe.execution.executor import execute
 
+    if not job.claim():
+        return
     job.accepted()
     try:
         outcome = execute(job.task, job.context, store=job.store)

@@ -23,6 +23,9 @@ class SoloPool(ThreadPool):
     """A pool of exactly one slot."""
 
     name = "solo"
+    # Early acks: the slot writes its job's ack, so a job waits ready for it (the loop
+    # writing them made the slot wait for the loop's next turn after each task).
+    acks_in_slot = True
 
     def __init__(self, concurrency: int = 1, *, app: Taskframe | None = None) -> None:
         super().__init__(1, app=app)

@@ -25,6 +25,7 @@ from taskframe.worker._consumer_settle import REQUEUE
 
 if TYPE_CHECKING:
     import collections
+    import threading
 
     from taskframe.client.app import Taskframe
     from taskframe.transport import Connection, Message, Queue
@@ -51,6 +52,8 @@ class Reconnection:
     active: dict[str, Request]
     reconnecting: bool
     unsure: set[str]
+    _slot_acks: threading.Lock
+    _slot_acks_open: bool
     accept: tuple[str, ...]
 
     if TYPE_CHECKING:  # the steps of the consumer's other parts that reconnection needs
@@ -67,8 +70,16 @@ class Reconnection:
 
     def _reconnect(self, exc: Exception) -> None:
         logger.error("Connection to broker lost: %s. Reconnecting...", exc)
-        # Early acks written and not confirmed when the link dropped (AMQP; ``ack_early``).
-        unconfirmed = self.connection.transport.unconfirmed_acks()
+        with self._slot_acks:  # no slot writes an early ack until this is done
+            self._slot_acks_open = False
+            # Early acks written and not confirmed when the link dropped (AMQP).
+            unconfirmed = self.connection.transport.unconfirmed_acks()
+        try:
+            self._reconnect_and_sort(unconfirmed)
+        finally:
+            self._slot_acks_open = True
+
+    def _reconnect_and_sort(self, unconfirmed: list[Message]) -> None:
         waiting = self._take_back() + [r for _, _, r in self.timers + self.limited] \
             + list(self.reserved)
         self.timers.clear()

@@ -1,7 +1,8 @@
 """Settling: the acks, rejects and requeues of messages whose run is decided.
 
-Early acks are not settled here: the loop writes them to the broker before it submits
-the job (``Consumer._start``; the broker's confirmation is read later). Pool threads
+Early acks are not settled here: the slot that takes the job writes its ack before the
+body starts (``_ack_in_slot``), or, where it cannot, the loop does before it submits the
+job (``Consumer._start``); the broker's confirmation is read later. Pool threads
 report late acks and the end of a job (``job.on_done``, which frees the slot) through
 ``Consumer.report``; what they report off the loop's thread waits on
 ``Consumer.completions`` until the loop drains it. Late acks go to the broker in
@@ -20,7 +21,7 @@ from taskframe import states
 from taskframe.canvas.chord_completion import on_revoked
 from taskframe.errors import TransportError
 from taskframe.transport.base import MessageState
-from taskframe.transport.errors import ConnectionLost
+from taskframe.transport.errors import ConnectionLost, MessageStateError
 
 if TYPE_CHECKING:
     from taskframe.client.app import Taskframe
@@ -29,12 +30,15 @@ if TYPE_CHECKING:
     from taskframe.transport import Connection
     from taskframe.worker.request import Request
 
-__all__ = ["ACK", "DONE", "REJECT", "REQUEUE", "REQUEUE_FAILED", "Settling"]
+__all__ = ["ACK", "DONE", "EARLY_ACKED", "NOT_STARTED", "REJECT", "REQUEUE", "REQUEUE_FAILED",
+           "Settling"]
 
 logger = logging.getLogger("taskframe.worker.consumer")
 
 # What a job reports: settle its message one of three ways, or (DONE) free its slot.
 ACK, REJECT, REQUEUE, DONE = "ack", "reject", "requeue", "done"
+# A slot wrote a job's early ack (EARLY_ACKED), or could not and did not start it.
+EARLY_ACKED, NOT_STARTED = "early_acked", "not_started"
 # A requeue whose delivery failed (the process running it died): worker_delivery_limit counts.
 REQUEUE_FAILED = "requeue_failed"
 
@@ -54,6 +58,13 @@ class Settling:
     _totals_lock: threading.Lock
     _thread: threading.Thread
     _acks: list[Request]
+    _slot_acks: threading.Lock
+    _slot_acks_open: bool
+    _stop: threading.Event
+    reserved: collections.deque[Request]
+
+    if TYPE_CHECKING:  # the steps of the consumer's other parts that settling needs
+        def _start(self, starting: list[Request]) -> None: ...
 
     def settle_completions(self, first: tuple[Request, str] | None = None, *,
                            flush: bool = True) -> None:
@@ -129,6 +140,13 @@ class Settling:
             self.processed += 1
             return
         message = request.message
+        if action == EARLY_ACKED:
+            if message.transport is self.connection.transport:  # else held was reset
+                self.held -= 1
+            return
+        if action == NOT_STARTED:
+            self._not_started(request)
+            return
         if message.settled:
             return
         if message.transport is not self.connection.transport:
@@ -152,6 +170,58 @@ class Settling:
         self.held -= 1
 
     # -- what jobs report (any thread) ------------------------------------------------
+
+    def _ack_in_slot(self, job: TaskJob) -> bool:
+        """``job.before_start``: write the job's early ack, in the slot that took it
+        (any thread); False if it must not start (the loop has it back: ``NOT_STARTED``).
+
+        Not while the loop reconnects or stops, nor for a message of a link that
+        dropped: the loop decides about those. The transport writes from any thread
+        (``Transport.acks_from_any_thread``); a failed write is the loop's to handle.
+        """
+        request: Request = job.request
+        with self._slot_acks:
+            transport = self.connection.transport
+            if self._slot_acks_open and not self._stop.is_set() \
+                    and request.message.transport is transport:
+                try:
+                    transport.ack_early([request.message])
+                except Exception as exc:  # the loop's to handle: a slot only reports it
+                    request.start_error = exc
+                else:
+                    self.completions.put((request, EARLY_ACKED))
+                    return True
+        self.completions.put((request, NOT_STARTED))
+        return False
+
+    def _not_started(self, request: Request) -> None:
+        """A slot took the job and did not start it (``_ack_in_slot``): the loop writes
+        its ack itself (``ack_in_loop``), or requeues it when stopping; a write that failed
+        on the current link makes the loop reconnect first."""
+        self.running -= 1
+        if self.active.get(request.id) is request:
+            del self.active[request.id]
+        message, exc = request.message, request.start_error
+        request.start_error = None
+        if message.state is MessageState.LOST:
+            return  # AMQP, received on a dropped link: the broker gives it back
+        current = message.transport is self.connection.transport
+        if message.state is MessageState.ACKED and current:
+            self.held -= 1  # the ack is kept and written again (Redis, SQL) or unsure (AMQP)
+        request.ack_in_loop = True
+        if self._stop.is_set():
+            if message.state is MessageState.ACKED:  # acked: it runs, as reconnect would
+                self.running += 1
+                self._start([request])
+            else:
+                self._settle(request, REQUEUE)
+            return
+        self.reserved.appendleft(request)
+        if isinstance(exc, TransportError) and current and not isinstance(exc, MessageStateError):
+            raise exc  # the loop reconnects, then writes the ack or finds it done
+        if exc is not None:
+            logger.warning("%r: a slot could not write its early ack (%r); the loop does", request,
+                           exc)
 
     def _on_accepted(self, job: TaskJob) -> None:
         """A pool slot took the job (any thread); an early ack was sent before ``submit``

@@ -111,6 +111,9 @@ class Consumer(Intake, Timers, Settling, Reconnection):
         #: ids of early-ack tasks run although the broker may not have got their acks (an
         #: AMQP link lost while confirming them): a redelivered copy is acked, not run.
         self.unsure: set[str] = set()
+        #: Slots write early acks only while this is open (closed while reconnecting).
+        self._slot_acks = threading.Lock()
+        self._slot_acks_open = True
 
     # -- stopping ---------------------------------------------------------------------
 
@@ -250,9 +253,10 @@ class Consumer(Intake, Timers, Settling, Reconnection):
     def _start_reserved(self) -> None:
         starting: list[Request] = []
         late_room, early_room = self._rooms()  # once per turn: prefork counts under a lock
+        in_slot = self._acks_in_slot()
         while self.reserved and not self.stopping:
             request = self.reserved[0]
-            if self.running >= (late_room if request.acks_late else early_room):
+            if self.running >= (early_room if self._acked_here(request, in_slot) else late_room):
                 break
             self.reserved.popleft()
             if request.expired():
@@ -271,16 +275,21 @@ class Consumer(Intake, Timers, Settling, Reconnection):
             self._start(starting)
 
     def _start(self, starting: list[Request]) -> None:
-        """Ack the early-ack ones, submit all.
+        """Submit them all; an early ack is written before its body starts.
 
         An early ack promises that the task runs at most once: its ack is written to the
-        broker before its body starts (``Transport.ack_early``, one write per batch; the
-        broker's confirmation is read later, off the path to the body), so a crash of the
-        worker cannot hand it out again. If the acks cannot be written, nothing starts:
-        the loop reconnects (``_reconnect`` decides what runs then, and what to do with
-        acks written but not confirmed).
+        broker before its body starts (``Transport.ack_early``; the broker's confirmation
+        is read later, off the path to the body), so a crash of the worker cannot hand it
+        out again. Where the pool and the transport allow it (``_acks_in_slot``), the
+        slot that takes the job writes it (``_ack_in_slot``): a job can wait in the pool
+        for the next free slot, unacked, as a late-ack one does. Otherwise the loop writes
+        them here, one write per batch, for free slots only; if they cannot be written,
+        nothing starts: the loop reconnects (``_reconnect`` decides what runs then, and
+        what to do with acks written but not confirmed).
         """
-        early = [r.message for r in starting if not r.acks_late and not r.message.settled]
+        in_slot = self._acks_in_slot()
+        early = [r.message for r in starting
+                 if self._acked_here(r, in_slot) and not r.message.settled]
         if early:
             try:
                 self.connection.transport.ack_early(early)
@@ -292,8 +301,21 @@ class Consumer(Intake, Timers, Settling, Reconnection):
                 self.held -= sum(m.state is MessageState.ACKED for m in early)
         for request in starting:
             self.active[request.id] = request
-            request.job = self._job(request)
-            self.pool.submit(request.job)
+            request.job = job = self._job(request)
+            if not request.acks_late and not request.message.settled:
+                job.before_start = self._ack_in_slot
+            self.pool.submit(job)
+
+    def _acks_in_slot(self) -> bool:
+        """True when pool slots write early acks (``Pool.acks_in_slot``,
+        ``Transport.acks_from_any_thread``)."""
+        return self.pool.acks_in_slot and self.connection.transport.acks_from_any_thread
+
+    @staticmethod
+    def _acked_here(request: Request, in_slot: bool) -> bool:
+        """True for a request whose early ack the loop writes, before it submits the job
+        (to a free slot only)."""
+        return not request.acks_late and (request.ack_in_loop or not in_slot)
 
     def _capacity(self) -> int:
         """How many jobs may be in the pool: its slots, plus the ones it can hold
@@ -311,7 +333,7 @@ class Consumer(Intake, Timers, Settling, Reconnection):
 
     def _busy(self) -> bool:
         """True when the pool has no room for the next reserved request."""
-        if self.reserved and not self.reserved[0].acks_late:
+        if self.reserved and self._acked_here(self.reserved[0], self._acks_in_slot()):
             return self.running >= self._rooms()[1]
         return self.running >= self._capacity()
 

@@ -19,7 +19,8 @@ __all__ = ["Request"]
 class Request:
     """A task message held by the worker until it is settled."""
 
-    __slots__ = ("acks_late", "context", "job", "message", "started", "task", "tm")
+    __slots__ = ("ack_in_loop", "acks_late", "context", "job", "message", "start_error",
+                 "started", "task", "tm")
 
     def __init__(self, message: Message, tm: TaskMessage, task: Task[Any, Any], *,
                  hostname: str, acks_late: bool) -> None:
@@ -29,6 +30,10 @@ class Request:
         self.acks_late = acks_late
         self.started = False
         self.job: TaskJob | None = None
+        #: An early ack the loop writes itself, before submitting (a slot could not).
+        self.ack_in_loop = False
+        #: Why a slot could not write its early ack (``Consumer._ack_in_slot``).
+        self.start_error: Exception | None = None
         ignore = tm.ignore_result
         if ignore is None:
             ignore = task.ignore_result if task.ignore_result is not None \
