@@ -22,7 +22,11 @@ from faults.scenarios import Scenarios, shared_broker
 
 TASKS = 60
 SECONDS = 0.1
-POOLS = {"threads": ("-P", "threads", "-c", "4"), "prefork": ("-P", "prefork", "-c", "2")}
+POOLS = {"threads": ("-P", "threads", "-c", "4"), "prefork": ("-P", "prefork", "-c", "2"),
+         "solo": ("-P", "solo")}
+# solo: early acks only (its slot writes them itself; its late acks go as on threads).
+ACKS_POOLS = [("early", "threads"), ("early", "prefork"), ("late", "threads"),
+              ("late", "prefork"), ("early", "solo")]
 
 
 def conf_for(kind: str, acks_late: bool) -> dict[str, object]:
@@ -33,8 +37,7 @@ def conf_for(kind: str, acks_late: bool) -> dict[str, object]:
     return {"task_acks_late": acks_late, "broker_heartbeat": 2.0}
 
 
-@pytest.mark.parametrize("pool", ["threads", "prefork"])
-@pytest.mark.parametrize("acks", ["early", "late"])
+@pytest.mark.parametrize(("acks", "pool"), ACKS_POOLS, ids=["-".join(p) for p in ACKS_POOLS])
 @pytest.mark.parametrize("kind", ["redis", "amqp"])
 @pytest.mark.parametrize("fault", ["cut", "blackhole"])
 def test_link(faults: Scenarios, fault: str, kind: str, acks: str, pool: str) -> None:

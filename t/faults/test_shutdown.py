@@ -16,11 +16,14 @@ from faults.scenarios import Scenarios, shared_broker
 
 TASKS = 24
 SECONDS = 0.25
-POOLS = {"threads": ("-P", "threads", "-c", "4"), "prefork": ("-P", "prefork", "-c", "2")}
+POOLS = {"threads": ("-P", "threads", "-c", "4"), "prefork": ("-P", "prefork", "-c", "2"),
+         "solo": ("-P", "solo")}
+# solo: early acks only (the next task waits in its pool unacked; its slot writes the ack).
+POOL_ACKS = [("threads", "early"), ("threads", "late"), ("prefork", "early"),
+             ("prefork", "late"), ("solo", "early")]
 
 
-@pytest.mark.parametrize("acks", ["early", "late"])
-@pytest.mark.parametrize("pool", ["threads", "prefork"])
+@pytest.mark.parametrize(("pool", "acks"), POOL_ACKS, ids=["-".join(p) for p in POOL_ACKS])
 @pytest.mark.parametrize("kind", ["redis", "amqp"])
 def test_warm_shutdown_with_work_queued_ahead(faults: Scenarios, kind: str, pool: str,
                                               acks: str) -> None:

@@ -61,7 +61,10 @@ def _setup(kind: str, tmp_path: Path, queue: str) -> Setup:
     vt = {"visibility_timeout": VISIBILITY_TIMEOUT}
     if kind == "redis":
         prefix = f"tfpoison{uuid.uuid4().hex[:8]}."
-        setup = Setup(kind, services.redis_url(), {**vt, "global_keyprefix": prefix})
+        # The tests kill workers: one killed while it holds kombu's restore mutex would
+        # stop every restore for the mutex's life (300 s by default; CI saw it once).
+        setup = Setup(kind, services.redis_url(), {**vt, "global_keyprefix": prefix,
+                                                   "unacked_mutex_expire": 2.0})
         setup.cleanup.append(lambda: services.redis_delete_prefix(0, prefix))
         return setup
     if kind == "sqlite":
