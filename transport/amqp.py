@@ -397,7 +397,7 @@ class AMQPTransport(Transport):
         link = self._link
         link.require()
         with link.translate("acknowledging messages", channel_lost=True, abandon=False):
-            self._held.ack_early(link.conn, link.sub, messages)
+            self._held.ack_early(messages)
 
     def unconfirmed_acks(self) -> list[Message]:
         return self._held.confirms.unconfirmed()

@@ -97,14 +97,14 @@ class Confirms:
             self._sent += 1
             return self._sent
 
-    def ack(self, conn: Any, channel: Any, upto: int | None, singles: Sequence[int],
-            acked: Sequence[Message]) -> None:
+    def ack(self, upto: int | None, singles: Sequence[int], acked: Sequence[Message]) -> None:
         """Write the ``basic.ack`` frames of ``plan``, and a ``basic.qos`` after them in the
         same write unless one is out already (its ``qos-ok`` sends the next: at most one
         is out, so the loop reads one ``qos-ok`` per round trip, not one per ack, however
         many slots ack); ``acked`` stays ``unconfirmed()`` until a ``qos-ok`` of a
-        ``basic.qos`` sent after it is read. The caller holds the lock (from its plan on)."""
-        number = channel.channel_id
+        ``basic.qos`` sent after it is read. The caller holds the lock (from its plan on).
+        Written on the connection and channel of ``bind``."""
+        conn, number = self._conn, self._channel.channel_id
         frames = [_method(number, _ACK, struct.pack(">QB", upto, 1))] if upto is not None else []
         frames += [_method(number, _ACK, struct.pack(">QB", tag, 0)) for tag in singles]
         self._waiting.extend(acked)  # before the write: a failed one is unsure
@@ -205,14 +205,14 @@ class Held:
             del self.messages[message.delivery_tag]
         return upto, singles
 
-    def ack_early(self, conn: Any, channel: Any, messages: Sequence[Message]) -> None:
+    def ack_early(self, messages: Sequence[Message]) -> None:
         """Plan and write the acks of ``messages`` (``Confirms.ack``); they count as ACKED
         before the write (one that fails may have left)."""
         with self.lock:
             upto, singles = self.plan(messages)
             for message in messages:
                 message.state = MessageState.ACKED
-            self.confirms.ack(conn, channel, upto, singles, messages)
+            self.confirms.ack(upto, singles, messages)
 
     def clear(self) -> None:
         with self.lock:

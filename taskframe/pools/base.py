@@ -85,8 +85,7 @@ class TaskJob:
 
     def claim(self) -> bool:
         """Called by a slot that took the job, before it starts; False: do not start it
-        (the consumer has it back). Once: a job sent again after a failed write is not
-        claimed again."""
+        (the consumer has it back). The hook runs once per job."""
         before, self.before_start = self.before_start, None
         return before is None or before(self)
 
